@@ -1,0 +1,7 @@
+"""``python -m curvscope``."""
+
+import sys
+
+from curvscope.cli import main
+
+sys.exit(main())

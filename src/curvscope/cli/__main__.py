@@ -1,0 +1,7 @@
+"""``python -m curvscope.cli``."""
+
+import sys
+
+from curvscope.cli import main
+
+sys.exit(main())

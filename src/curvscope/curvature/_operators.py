@@ -1,0 +1,523 @@
+"""Curvature operators: Hessian, Gauss-Newton, Fisher, empirical Fisher, gradient covariance.
+
+Every operator is a symmetric :class:`~curvscope.linops.LinearOperator` over the flat vector of
+the selected parameters. A product ``A @ V`` with ``V`` of shape ``[P, k]`` makes **one** pass
+over the data; on each batch one vmapped kernel serves all ``k`` columns (split into chunks that
+shrink automatically when the device runs out of memory). With the empirical risk
+``L = sum_b w_b l_b`` of :class:`~curvscope.Problem`:
+
+* Hessian ``H = sum_b w_b d^2 l_b / d theta^2``;
+* Gauss-Newton ``G = sum_b w_b J_b^T H_{l_b} J_b`` (``J_b = dz_b/d theta``, ``H_l`` the loss
+  Hessian in output space, closed form for CE / MSE / BCE);
+* the residual ``H - G`` of Papyan's decomposition, exactly, in the same pass;
+* Monte-Carlo Fisher ``F = sum_b w_b r_b J_b^T (1/S sum_s g_s g_s^T) J_b`` with ``g_s`` the
+  gradients of the negative log-likelihood at labels sampled from the model (``E[F] = G``);
+* empirical Fisher ``E = c sum_i grad l_i grad l_i^T`` with per-example losses ``l_i``
+  (``c = 1/N`` for ``mean``, ``1`` for ``sum``);
+* gradient covariance ``C = 1/N sum_i (grad l_i - g_bar)(grad l_i - g_bar)^T``.
+
+References:
+    V. Papyan, "Measurements of three-level hierarchical structure in the outliers in the spectrum
+    of deepnet Hessians", ICML 2019.  N. Schraudolph, "Fast curvature matrix-vector products for
+    second-order gradient descent", Neural Computation 2002.  F. Kunstner, L. Balles, P. Hennig,
+    "Limitations of the empirical Fisher approximation", NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from curvscope.curvature._losses import (
+    LossKind,
+    loss_hessian_product,
+    recognise_loss,
+    reduction_factor,
+    sample_nll_gradients,
+)
+from curvscope.curvature._param_space import ParamSpace, select_parameters
+from curvscope.curvature._problem import Batch, Problem, _first_line
+from curvscope.linops._base import PSD, SYMMETRIC, LinearOperator
+
+logger = logging.getLogger(__name__)
+
+HESSIAN_ENGINES = ("forward_over_reverse", "double_backward")
+
+
+class EngineFallbackWarning(UserWarning):
+    """An autodiff engine failed on this model or loss and curvscope switched to another one."""
+
+
+def _is_missing_autodiff_rule(err: BaseException) -> bool:
+    """Whether ``err`` says an op lacks a forward-mode / batching rule (not out-of-memory)."""
+    return isinstance(err, (RuntimeError, NotImplementedError)) and not isinstance(
+        err, torch.OutOfMemoryError
+    )
+
+
+class _BatchContext:
+    """What the kernels share on one batch: parameters, forward closure, cached linearisation."""
+
+    def __init__(self, problem: Problem, batch: Batch, params: dict[str, Tensor],
+                 frozen: dict[str, Tensor], flags: dict[str, bool]) -> None:
+        self.problem, self.batch, self.params, self.frozen = problem, batch, params, frozen
+        self.problem_flags = flags  # engine choices that persist across batches and products
+        self.cache: dict[str, Any] = {}
+
+    def output(self, params: dict[str, Tensor]) -> Tensor:
+        return self.problem.forward({**self.frozen, **params}, self.batch.inputs)
+
+    def loss(self, params: dict[str, Tensor]) -> Tensor:
+        """``w_b * l_b(theta)`` as a function of the selected parameters."""
+        return self.batch.weight * self.problem.batch_loss(self.output(params), self.batch.target)
+
+    def linearization(self) -> tuple[Tensor, Callable]:
+        """``z_b`` and its vector-Jacobian product (computed once per batch)."""
+        if "vjp" not in self.cache:
+            z, vjp_fn = vjp(self.output, self.params)
+            self.cache["vjp"] = (z.detach(), vjp_fn)
+        return self.cache["vjp"]
+
+    def jacobian_product(self, V: dict[str, Tensor]) -> Tensor:
+        """``J_b V``: ``[k, *z.shape]``.
+
+        Forward mode, vmapped over the ``k`` columns; when an op of the model has no forward-mode
+        rule, the double-vjp trick ``J v = d/du <J^T u, v>`` in reverse mode instead.
+        """
+        if not self.problem_flags.get("reverse_jacobian"):
+            try:
+                return vmap(lambda v: jvp(self.output, (self.params,), (v,))[1])(V)
+            except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
+                if not _is_missing_autodiff_rule(err):
+                    raise
+                warnings.warn(
+                    f"forward-mode AD failed on this model ({_first_line(err)}); computing "
+                    "Jacobian products with the double-vjp trick in reverse mode instead.",
+                    EngineFallbackWarning, stacklevel=2,
+                )
+                self.problem_flags["reverse_jacobian"] = True
+        return self._jacobian_product_reverse(V)
+
+    def _jacobian_product_reverse(self, V: dict[str, Tensor]) -> Tensor:
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        z = self.output(leaves)
+        u = torch.zeros_like(z, requires_grad=True)
+        Jt_u = torch.autograd.grad(z, list(leaves.values()), grad_outputs=u, create_graph=True,
+                                   allow_unused=True, materialize_grads=True)
+        live = [i for i, g in enumerate(Jt_u) if g.requires_grad]
+        names = list(leaves)
+        k = next(iter(V.values())).shape[0]
+        if not live:
+            return z.new_zeros(k, *z.shape)
+        (JV,) = torch.autograd.grad([Jt_u[i] for i in live], [u],
+                                    grad_outputs=[V[names[i]] for i in live],
+                                    is_grads_batched=True, allow_unused=True,
+                                    materialize_grads=True)
+        return JV.detach()
+
+    def transpose_jacobian_product(self, U: Tensor) -> dict[str, Tensor]:
+        """``J_b^T U`` for ``U`` of shape ``[k, *z.shape]``."""
+        _, vjp_fn = self.linearization()
+        return vmap(vjp_fn)(U)[0]
+
+    def loss_kind(self) -> LossKind:
+        if "kind" not in self.cache:
+            self.cache["kind"] = recognise_loss(self.problem.loss_fn, self.batch.target)
+        return self.cache["kind"]
+
+
+def _rowdot(a: Tensor, U: Tensor) -> Tensor:
+    """Per-example inner products ``<a_i, U_{j,i}>`` of ``a [n, ...]`` and ``U [k, n, ...]``,
+    shaped ``[k, n, 1, ...]`` for broadcasting.
+    """
+    prod = a.unsqueeze(0) * U
+    return prod.reshape(U.shape[0], U.shape[1], -1).sum(-1).reshape(
+        U.shape[0], U.shape[1], *([1] * (U.ndim - 2))
+    )
+
+
+class CurvatureOperator(LinearOperator):
+    """Base class: a curvature matrix of a :class:`Problem` over (a block of) its parameters.
+
+    Subclasses implement ``_batch_product(ctx, V) -> {name: [k, *shape]}``, the contribution of
+    one batch to ``A V``, and may add a data-independent ``_correction(X)``.
+
+    Attributes:
+        problem: the Problem.
+        param_space: the parameters this operator acts on (a block of the Problem's).
+        num_matvecs: number of columns multiplied so far.
+        num_data_passes: number of passes over the data so far.
+    """
+
+    _tags: frozenset[str] = frozenset({SYMMETRIC})
+
+    def __init__(self, problem: Problem, *, params: Any = None, chunk_size: int | None = None,
+                 **options: Any) -> None:
+        if not isinstance(problem, Problem):
+            raise TypeError(
+                f"{type(self).__name__} needs a curvscope.Problem, got {type(problem).__name__}; "
+                "build one with curvscope.Problem(model, loss_fn, data)."
+            )
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        self.problem = problem
+        self.param_space = _block_space(problem, params)
+        self.chunk_size = chunk_size
+        self._options = {"params": params, "chunk_size": chunk_size, **options}
+        P = self.param_space.size
+        super().__init__((P, P), dtype=problem.accumulate_dtype, device=problem.device,
+                         tags=self._tags)
+        self.num_matvecs = 0
+        self.num_data_passes = 0
+        self._engine_flags: dict[str, bool] = {}
+
+    # ---------------------------------------------------------------- derived operators
+    def _rebuild(self, problem: Problem | None = None, **changes: Any) -> CurvatureOperator:
+        return type(self)(problem or self.problem, **{**self._options, **changes})
+
+    def block(self, params: Any) -> CurvatureOperator:
+        """The same curvature restricted to a block of parameters (names, regex or modules).
+
+        Equal to the principal submatrix of the full operator, at the cost of differentiating
+        with respect to the block only.
+        """
+        return self._rebuild(params=params)
+
+    def restrict_to_class(self, c: int) -> CurvatureOperator:
+        """The same curvature of the loss over the examples of class ``c`` only."""
+        return self._rebuild(self.problem.restrict_to_class(c))
+
+    def restrict_examples(self, mask_fn: Callable[[Any, Any], Tensor],
+                          description: str = "a subset") -> CurvatureOperator:
+        """The same curvature of the loss over the examples selected by ``mask_fn``."""
+        return self._rebuild(self.problem.restrict_examples(mask_fn, description))
+
+    # ---------------------------------------------------------------- products
+    def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _correction(self, X: Tensor) -> Tensor | None:
+        """A data-independent term added after the pass (``None``: nothing)."""
+        return None
+
+    def _kernels(self) -> list[tuple[float, CurvatureOperator]]:
+        return [(1.0, self)]
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        kernels = self._kernels()
+        space, problem = self.param_space, self.problem
+        Xp = X.to(problem.dtype)
+        out = torch.zeros(X.shape, dtype=self.dtype, device=self.device)
+        all_params = problem.parameters()
+        params = {n: all_params[n] for n in space.names}
+        frozen = problem.frozen_parameters(params)
+        with problem.model_context(), torch.enable_grad():
+            for batch in problem.batches():
+                ctx = _BatchContext(problem, batch, params, frozen, self._engine_flags)
+                self._accumulate(ctx, kernels, Xp, out)
+        for coef, op in kernels:
+            extra = op._correction(X)
+            if extra is not None:
+                out.add_(extra, alpha=coef)
+        self.num_matvecs += X.shape[1]
+        self.num_data_passes += 1
+        return out
+
+    def _accumulate(self, ctx: _BatchContext, kernels: list[tuple[float, CurvatureOperator]],
+                    Xp: Tensor, out: Tensor) -> None:
+        """Add this batch's ``A_b X`` to ``out``, column chunk by column chunk."""
+        k, start = Xp.shape[1], 0
+        while start < k:
+            size = min(self.chunk_size or k, k - start)
+            V = self.param_space.split(Xp[:, start : start + size])
+            try:
+                total = None
+                for coef, op in kernels:
+                    part = self.param_space.join(op._batch_product(ctx, V), batched=True)
+                    total = coef * part if total is None else total.add_(part, alpha=coef)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.chunk_size = max(1, size // 2)
+                logger.warning("out of memory with %d columns at once; retrying with %d",
+                               size, self.chunk_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            out[:, start : start + size] += total.to(self.dtype)
+            start += size
+
+    # ---------------------------------------------------------------- algebra
+    def _same_space(self, other: LinearOperator) -> bool:
+        return (isinstance(other, CurvatureOperator) and other.problem is self.problem
+                and other.param_space == self.param_space)
+
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        if self._same_space(other):
+            return CombinedCurvatureOperator([(1.0, self), (1.0, other)])
+        return super().__add__(other)
+
+    def __sub__(self, other: LinearOperator) -> LinearOperator:
+        if self._same_space(other):
+            return CombinedCurvatureOperator([(1.0, self), (-1.0, other)])
+        return super().__sub__(other)
+
+
+def _block_space(problem: Problem, params: Any) -> ParamSpace:
+    if params is None:
+        return problem.param_space
+    chosen = select_parameters(problem.model, params)
+    outside = [n for n in chosen if n not in problem.param_space.names]
+    if outside:
+        raise ValueError(
+            f"parameters {outside} are not among the Problem's parameters "
+            f"{list(problem.param_space.names)[:6]}...; select them when building the Problem."
+        )
+    ordered = {n: chosen[n] for n in problem.param_space.names if n in chosen}
+    return ParamSpace.from_tensors({n: p.detach() for n, p in ordered.items()})
+
+
+class CombinedCurvatureOperator(CurvatureOperator):
+    """``sum_t c_t A_t`` of curvature operators of one Problem and block, in one data pass."""
+
+    def __init__(self, terms: list[tuple[float, CurvatureOperator]]) -> None:
+        first = terms[0][1]
+        flat: list[tuple[float, CurvatureOperator]] = []
+        for coef, op in terms:
+            if not first._same_space(op):
+                raise ValueError("combined curvature operators must share the Problem and block.")
+            flat += [(coef * c, o) for c, o in op._kernels()]
+        self._terms = flat
+        psd = all(c >= 0 and o.is_psd for c, o in flat)
+        self._tags = frozenset({SYMMETRIC} | ({PSD} if psd else set()))
+        super().__init__(first.problem, params=first._options["params"],
+                         chunk_size=first.chunk_size)
+
+    def _kernels(self) -> list[tuple[float, CurvatureOperator]]:
+        return self._terms
+
+    def _rebuild(self, problem: Problem | None = None, **changes: Any) -> CurvatureOperator:
+        return CombinedCurvatureOperator(
+            [(c, o._rebuild(problem, **changes)) for c, o in self._terms]
+        )
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian ``H = d^2 L / d theta^2`` of the empirical risk.
+
+    Args:
+        problem: the Problem.
+        params: a block of the Problem's parameters (default: all of them).
+        engine: ``"forward_over_reverse"`` (``torch.func`` jvp of the gradient, vmapped over the
+            columns) or ``"double_backward"`` (autograd: one forward and backward per batch,
+            then a batched backward over the columns). The two are cross-checked in the tests.
+        chunk_size: columns per vmapped call (default: all; halves on out-of-memory).
+    """
+
+    def __init__(self, problem: Problem, *, params: Any = None,
+                 engine: str = "forward_over_reverse", chunk_size: int | None = None) -> None:
+        if engine not in HESSIAN_ENGINES:
+            raise ValueError(f"engine must be one of {HESSIAN_ENGINES}, got {engine!r}.")
+        self.engine = engine
+        super().__init__(problem, params=params, chunk_size=chunk_size, engine=engine)
+
+    @property
+    def active_engine(self) -> str:
+        """The engine in use: ``engine``, or ``double_backward`` after a fallback."""
+        return "double_backward" if self._engine_flags.get("hessian_double_backward") else self.engine
+
+    def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.active_engine == "forward_over_reverse":
+            try:
+                grad_fn = grad(ctx.loss)
+                return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
+            except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
+                if not _is_missing_autodiff_rule(err):
+                    raise
+                warnings.warn(
+                    f"the forward-over-reverse Hessian engine failed ({_first_line(err)}); "
+                    "using engine='double_backward' for this operator from now on.",
+                    EngineFallbackWarning, stacklevel=2,
+                )
+                self._engine_flags["hessian_double_backward"] = True
+        return self._double_backward(ctx, V)
+
+    def _double_backward(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "db" not in ctx.cache:
+            leaves = {n: p.detach().requires_grad_(True) for n, p in ctx.params.items()}
+            grads = torch.autograd.grad(ctx.loss(leaves), list(leaves.values()),
+                                        create_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            ctx.cache["db"] = (leaves, grads, live)
+        leaves, grads, live = ctx.cache["db"]
+        names = list(leaves)
+        k = next(iter(V.values())).shape[0]
+        if not live:
+            return {n: torch.zeros_like(V[n]) for n in names}
+        outputs = [grads[i] for i in live]
+        tangents = [V[names[i]] for i in live]
+        try:
+            res = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs=tangents,
+                                      retain_graph=True, allow_unused=True,
+                                      materialize_grads=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one backward per column
+            cols = [torch.autograd.grad(outputs, list(leaves.values()),
+                                        grad_outputs=[t[j] for t in tangents],
+                                        retain_graph=True, allow_unused=True,
+                                        materialize_grads=True) for j in range(k)]
+            res = [torch.stack([c[i] for c in cols]) for i in range(len(names))]
+        return {n: r.detach() for n, r in zip(names, res)}
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalised Gauss-Newton matrix ``G = sum_b w_b J_b^T H_{l_b} J_b``.
+
+    ``H_l`` is the Hessian of the loss with respect to the model output ``z``, in closed form for
+    cross-entropy, MSE and BCE-with-logits (no double-backward through the loss), by automatic
+    differentiation of the loss alone otherwise. PSD when the loss is convex in ``z``.
+    """
+
+    _tags = frozenset({SYMMETRIC, PSD})
+
+    def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        z, _ = ctx.linearization()
+        JV = ctx.jacobian_product(V)
+        HJV = loss_hessian_product(self.problem.loss_fn, ctx.loss_kind(), self.problem.reduction,
+                                   z, ctx.batch.target, JV)
+        return ctx.transpose_jacobian_product(ctx.batch.weight * HJV)
+
+
+class _PerExampleGradientKernel(CurvatureOperator):
+    """Shared kernel ``c J^T [g_i <g_i, (J V)_i>]_i`` with per-example output gradients ``g_i``."""
+
+    _tags = frozenset({SYMMETRIC, PSD})
+
+    def _output_gradients(self, ctx: _BatchContext) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _scale(self, ctx: _BatchContext) -> float:
+        raise NotImplementedError
+
+    def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        gs = self._output_gradients(ctx)
+        JV = ctx.jacobian_product(V)
+        U = sum(g.unsqueeze(0) * _rowdot(g, JV) for g in gs) * (self._scale(ctx) / len(gs))
+        return ctx.transpose_jacobian_product(U)
+
+    def _per_example_loss_gradients(self, ctx: _BatchContext) -> Tensor:
+        """Rows ``g_i = d l_i / d z_i`` of the per-example losses (``l_b = mean`` or ``sum``)."""
+        if "g" not in ctx.cache:
+            z, _ = ctx.linearization()
+            g = torch.func.grad(lambda zz: self.problem.batch_loss(zz, ctx.batch.target))(z)
+            s_b = ctx.batch.size if self.problem.reduction == "mean" else 1.0
+            ctx.cache["g"] = s_b * g
+        return ctx.cache["g"]
+
+
+class EmpiricalFisherOperator(_PerExampleGradientKernel):
+    """Empirical Fisher ``E = c sum_i grad l_i grad l_i^T`` (``c = 1/N`` for mean, 1 for sum).
+
+    ``l_i`` is the loss of example ``i`` alone, with the loss's own reduction over its outputs.
+    """
+
+    def _output_gradients(self, ctx: _BatchContext) -> list[Tensor]:
+        return [self._per_example_loss_gradients(ctx)]
+
+    def _scale(self, ctx: _BatchContext) -> float:
+        return 1.0 / self.problem.num_data if self.problem.reduction == "mean" else 1.0
+
+
+class GradientCovarianceOperator(_PerExampleGradientKernel):
+    """Centred gradient covariance ``C = 1/N sum_i (grad l_i - g)(grad l_i - g)^T``,
+    ``g = 1/N sum_i grad l_i`` (the mean per-example gradient).
+    """
+
+    def _output_gradients(self, ctx: _BatchContext) -> list[Tensor]:
+        return [self._per_example_loss_gradients(ctx)]
+
+    def _scale(self, ctx: _BatchContext) -> float:
+        return 1.0 / self.problem.num_data
+
+    def mean_gradient(self) -> Tensor:
+        """``g = 1/N sum_i grad l_i`` on this operator's block (one data pass, cached)."""
+        if not hasattr(self, "_mean_gradient"):
+            _, g = self.problem.loss_and_gradient()
+            g = g[self.problem.param_space.index_of(self.param_space)]
+            if self.problem.reduction == "sum":
+                g = g / self.problem.num_data
+            self._mean_gradient = g.to(self.dtype)
+        return self._mean_gradient
+
+    def _correction(self, X: Tensor) -> Tensor:
+        g = self.mean_gradient()
+        return -torch.outer(g, g @ X)
+
+
+class FisherMCOperator(_PerExampleGradientKernel):
+    """Monte-Carlo Fisher: the GGN's estimate from labels sampled from the model.
+
+    ``F = sum_b w_b r_b J_b^T (1/S sum_s g_s g_s^T) J_b`` where ``g_s`` are per-example gradients
+    of the negative log-likelihood at labels drawn from the model's predictive distribution
+    (categorical for cross-entropy, Bernoulli for BCE, Gaussian for MSE), so ``E[F] = G``. The
+    samples are drawn from seeds fixed at construction: the operator is one fixed matrix.
+
+    Args:
+        problem: the Problem (cross-entropy, MSE or BCE-with-logits loss).
+        mc_samples: ``S``, labels per example.
+        generator: source of the seed (explicit randomness); default: torch's global generator.
+    """
+
+    def __init__(self, problem: Problem, *, params: Any = None, mc_samples: int = 1,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 chunk_size: int | None = None) -> None:
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self.mc_samples, self.seed = mc_samples, seed
+        super().__init__(problem, params=params, chunk_size=chunk_size, mc_samples=mc_samples,
+                         seed=seed)
+
+    def nll_gradient_samples(self, batch_index: int, z: Tensor, target: Any) -> list[Tensor]:
+        """The ``S`` sampled gradients ``g_s`` for batch ``index`` (deterministic given the seed)."""
+        kind = recognise_loss(self.problem.loss_fn, target)
+        out = []
+        for s in range(self.mc_samples):
+            gen = torch.Generator(device=z.device)
+            gen.manual_seed((self.seed + 1_000_003 * batch_index + 7919 * s) % 2**63)
+            out.append(sample_nll_gradients(kind, z, target, gen))
+        return out
+
+    def _output_gradients(self, ctx: _BatchContext) -> list[Tensor]:
+        if "mc" not in ctx.cache:
+            z, _ = ctx.linearization()
+            ctx.cache["mc"] = self.nll_gradient_samples(ctx.batch.index, z, ctx.batch.target)
+        return ctx.cache["mc"]
+
+    def _scale(self, ctx: _BatchContext) -> float:
+        z, _ = ctx.linearization()
+        r = reduction_factor(ctx.loss_kind(), self.problem.reduction, z, ctx.batch.target)
+        return ctx.batch.weight * r
+
+
+def ResidualOperator(problem: Problem, *, params: Any = None,  # noqa: N802 - reads as a class
+                     engine: str = "forward_over_reverse",
+                     chunk_size: int | None = None) -> CurvatureOperator:
+    """Papyan's residual ``H_res = H - G`` (Hessian minus Gauss-Newton), exactly, in one pass.
+
+    .. math:: H_{res} = \\sum_b w_b \\sum_i \\sum_k (\\partial l_b / \\partial z_{ik})
+              \\nabla^2_\\theta z_{ik}
+
+    References:
+        V. Papyan, "The full spectrum of deepnet Hessians at scale", 2018 (arXiv:1811.07062).
+    """
+    H = HessianOperator(problem, params=params, engine=engine, chunk_size=chunk_size)
+    G = GGNOperator(problem, params=params, chunk_size=chunk_size)
+    return H - G

@@ -1,0 +1,562 @@
+"""Problem: the data contract between a user's model, loss and data and the curvature operators.
+
+The empirical risk over the whole dataset is
+
+.. math::
+
+    L(\\theta) = \\sum_b w_b \\, \\ell_b(\\theta), \\qquad
+    w_b = n_b / N \\ (\\text{reduction "mean"}), \\qquad w_b = 1 \\ (\\text{reduction "sum"}),
+
+where ``l_b`` is the user's loss on batch ``b`` (with its own reduction), ``n_b`` is the number of
+examples in batch ``b`` (``batch_size_fn``) and ``N = sum_b n_b``. With reduction ``mean`` this
+is exactly the mean loss over all examples even when the last batch is short; weighting batches
+equally (hessian-eigenthings 1.0) is wrong for unequal batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvscope.curvature._param_space import ParamSpace, select_parameters
+
+logger = logging.getLogger(__name__)
+
+MODES = ("eval", "batch_stats")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch, unpacked and checked: what the curvature engines see."""
+
+    index: int
+    inputs: Any  # Tensor (model(x)), tuple (model(*x)) or dict (model(**x))
+    target: Any
+    size: int  # n_b, from batch_size_fn
+    weight: float  # w_b: n_b / N for reduction "mean", 1 for "sum"
+
+
+def default_batch_fn(batch: Any, label_key: str = "labels") -> tuple[Any, Any]:
+    """Split a batch into ``(inputs, target)``: ``(x, y)`` tuples, or dicts with a ``labels`` key.
+
+    Raises:
+        TypeError: for other batch formats (pass ``batch_fn=`` to the Problem).
+    """
+    if isinstance(batch, Mapping):
+        if label_key not in batch:
+            raise TypeError(
+                f"a dict batch needs the key {label_key!r} for the targets, got keys "
+                f"{sorted(batch)}; pass batch_fn=lambda b: (inputs, target) to the Problem."
+            )
+        return {k: v for k, v in batch.items() if k != label_key}, batch[label_key]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+    raise TypeError(
+        f"expected batches as (inputs, target) pairs or dicts with a 'labels' key, got "
+        f"{type(batch).__name__}{length}; pass batch_fn=lambda b: (inputs, target) to the Problem."
+    )
+
+
+def default_output_fn(output: Any) -> Tensor:
+    """Take the model's prediction: a tensor, or the ``logits`` of a HuggingFace-style output."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned {type(output).__name__}, expected a Tensor or an object with a "
+        "`logits` tensor; pass output_fn=lambda out: out[...] to the Problem."
+    )
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def default_batch_size_fn(target: Any) -> int:
+    """Number of examples in a batch: the first dimension of the target tensor."""
+    for t in _tensors(target):
+        if t.ndim == 0:
+            return 1
+        return int(t.shape[0])
+    raise TypeError(
+        f"cannot infer the batch size from a target of type {type(target).__name__}; pass "
+        "batch_size_fn=lambda target: n to the Problem."
+    )
+
+
+def _infer_reduction(loss_fn: Callable, reduction: str | None) -> str:
+    own = getattr(loss_fn, "reduction", None) if isinstance(loss_fn, nn.Module) else None
+    if own is not None and reduction is not None and own != reduction:
+        raise ValueError(
+            f"reduction={reduction!r} contradicts the loss module's reduction={own!r}; "
+            "drop the reduction argument or build the loss with the one you mean."
+        )
+    chosen = reduction or own or "mean"
+    if chosen not in ("mean", "sum"):
+        raise ValueError(
+            f"the loss must reduce to a scalar with reduction 'mean' or 'sum', got {chosen!r}; "
+            f"build it with reduction='mean' (e.g. {type(loss_fn).__name__}(reduction='mean'))."
+        )
+    return chosen
+
+
+class Problem:
+    """A model, a loss and a dataset: the empirical risk whose curvature curvscope measures.
+
+    Args:
+        model: any ``nn.Module``. It is never modified: training flags, buffers, ``.grad`` and
+            parameters are exactly as they were after any use.
+        loss_fn: a criterion module (``nn.CrossEntropyLoss()``) or a function
+            ``loss_fn(output, target) -> scalar``.
+        data: a DataLoader or any re-iterable of batches (a list works). Batches are
+            ``(inputs, target)`` pairs or dicts with a ``labels`` key (HuggingFace style).
+        params: which parameters: ``None`` (all with ``requires_grad``), a list of names, a regex,
+            a submodule or a list of submodules.
+        reduction: ``"mean"`` or ``"sum"``; taken from the loss module when it has one.
+        batch_fn: ``batch -> (inputs, target)``; inputs a Tensor (``model(x)``), tuple
+            (``model(*x)``) or dict (``model(**x)``).
+        output_fn: ``model output -> prediction tensor`` (default: the tensor, or ``.logits``).
+        batch_size_fn: ``target -> n_b`` (default: ``target.shape[0]``). For token-level mean
+            losses return the number of loss terms, e.g. ``lambda y: int((y != -100).sum())``.
+        num_data: ``N = sum_b n_b`` if known; otherwise one counting pass over the data.
+        mode: ``"eval"`` (BatchNorm uses running statistics) or ``"batch_stats"`` (BatchNorm
+            normalises with each batch's statistics and does not update the running ones).
+            Dropout is off in both.
+        accumulate_dtype: dtype of the operators (and of the accumulation of per-batch products),
+            e.g. ``torch.float64`` for a float32 model. Default: the parameters' dtype.
+        move_batches: move batch tensors to the parameters' device and cast floating tensors to
+            their dtype. Off by default: a mismatch is an error that says so.
+        check_determinism: run :meth:`check_determinism` at construction.
+        progress: show a progress bar over batches (tqdm).
+
+    Raises:
+        TypeError, ValueError: bad input; every message says what was expected, what came and
+            the fix.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: Iterable[Any],
+        *,
+        params: Any = None,
+        reduction: str | None = None,
+        batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        num_data: int | None = None,
+        mode: str = "eval",
+        accumulate_dtype: torch.dtype | None = None,
+        move_batches: bool = False,
+        check_determinism: bool = False,
+        progress: bool = False,
+        validate: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got "
+                f"{type(loss_fn).__name__}."
+            )
+        if isinstance(data, (Tensor, Mapping)) or not isinstance(data, Iterable):
+            raise TypeError(
+                f"data must be a DataLoader or a list of batches, got {type(data).__name__}; "
+                "wrap a single batch as [batch]."
+            )
+        if iter(data) is data:
+            raise TypeError(
+                "data is a one-shot iterator (a generator?), but curvature products pass over the "
+                "data many times; pass a DataLoader or a list of batches."
+            )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.reduction = _infer_reduction(loss_fn, reduction)
+        self.batch_fn = batch_fn or default_batch_fn
+        self.output_fn = output_fn or default_output_fn
+        self.batch_size_fn = batch_size_fn or default_batch_size_fn
+        self.mode = mode
+        self.move_batches = move_batches
+        self.progress = progress
+        self._params = select_parameters(model, params)
+        self.param_space = ParamSpace.from_tensors(self._params)
+        if accumulate_dtype is not None and not accumulate_dtype.is_floating_point:
+            raise TypeError(f"accumulate_dtype must be a floating dtype, got {accumulate_dtype}.")
+        self.accumulate_dtype = accumulate_dtype or self.param_space.dtype
+        self._example_filter: Callable[[Any, Any], Tensor] | None = None
+        self._filter_description = "all examples"
+        self.num_data_passes = 0
+        self._num_data = self._count(num_data)
+        if validate:
+            self.validate()
+        if check_determinism:
+            self.check_determinism()
+
+    # ---------------------------------------------------------------- basic facts
+    @property
+    def device(self) -> torch.device:
+        """Device of the selected parameters (and of every operator built on them)."""
+        return self.param_space.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the selected parameters."""
+        return self.param_space.dtype
+
+    @property
+    def num_data(self) -> int:
+        """``N``: the number of examples (sum of ``batch_size_fn`` over the batches)."""
+        return self._num_data
+
+    @property
+    def num_params(self) -> int:
+        """``P``: the number of selected parameter entries."""
+        return self.param_space.size
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The selected parameters, detached from the user's autograd graph (not copies)."""
+        return {n: p.detach() for n, p in self._params.items()}
+
+    def frozen_parameters(self, exclude: Iterable[str]) -> dict[str, Tensor]:
+        """Every model parameter not in ``exclude``, detached: held fixed in products."""
+        skip = set(exclude)
+        return {n: p.detach() for n, p in self.model.named_parameters() if n not in skip}
+
+    def __repr__(self) -> str:
+        loss = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
+        return (
+            f"Problem(model={type(self.model).__name__}, loss={loss}, "
+            f"N={self.num_data}, P={self.num_params}, reduction={self.reduction!r}, mode={self.mode!r}, "
+            f"examples={self._filter_description}, device={self.device}, dtype={self.dtype})"
+        )
+
+    # ---------------------------------------------------------------- subsets
+    def restrict_to_class(self, c: int) -> Problem:
+        """The same problem on the examples whose (integer) target equals ``c``.
+
+        The operators built on it are the curvature of the loss over those examples only, with
+        reduction ``mean`` normalised by their number ``N_c``.
+        """
+        return self.restrict_examples(lambda inputs, target: target == c, f"class {c}")
+
+    def restrict_examples(
+        self, mask_fn: Callable[[Any, Any], Tensor], description: str = "a subset"
+    ) -> Problem:
+        """The same problem on the examples selected by ``mask_fn(inputs, target) -> bool [n_b]``."""
+        new = object.__new__(Problem)
+        new.__dict__.update(self.__dict__)
+        previous = self._example_filter
+
+        def combined(inputs: Any, target: Any) -> Tensor:
+            mask = mask_fn(inputs, target)
+            return mask if previous is None else mask & previous(inputs, target)
+
+        new._example_filter = combined
+        new._filter_description = description
+        new.num_data_passes = 0
+        new._num_data = new._count(None)
+        return new
+
+    # ---------------------------------------------------------------- data
+    def _prepare(self, raw: Any) -> tuple[Any, Any]:
+        inputs, target = self.batch_fn(raw)
+        if self._example_filter is not None:
+            mask = self._example_filter(inputs, target)
+            n = int(mask.shape[0])
+            keep = mask.nonzero().squeeze(1)
+
+            def take(t: Tensor) -> Tensor:
+                return t.index_select(0, keep.to(t.device)) if t.ndim and t.shape[0] == n else t
+
+            inputs, target = _map_tensors(inputs, take), _map_tensors(target, take)
+        if self.move_batches:
+            def move(t: Tensor) -> Tensor:
+                dtype = self.dtype if t.is_floating_point() else t.dtype
+                return t.to(device=self.device, dtype=dtype)
+
+            inputs, target = _map_tensors(inputs, move), _map_tensors(target, move)
+        return inputs, target
+
+    def _raw_batches(self) -> Iterator[tuple[Any, Any]]:
+        for raw in self.data:
+            inputs, target = self._prepare(raw)
+            yield inputs, target
+
+    def _count(self, num_data: int | None) -> int:
+        if num_data is not None:
+            if not isinstance(num_data, int) or num_data <= 0:
+                raise ValueError(f"num_data must be a positive int, got {num_data!r}.")
+            return num_data
+        total = 0
+        seen = 0
+        for _, target in self._raw_batches():
+            seen += 1
+            total += self.batch_size_fn(target)
+        if seen == 0:
+            raise ValueError("data is empty: expected at least one batch, got none.")
+        if total <= 0:
+            raise ValueError(
+                f"data holds no examples ({self._filter_description}): every batch has size 0."
+            )
+        return total
+
+    def batches(self) -> Iterator[Batch]:
+        """One pass over the data: checked, weighted batches (counts ``num_data_passes``)."""
+        self.num_data_passes += 1
+        iterator: Iterable[tuple[Any, Any]] = self._raw_batches()
+        if self.progress:
+            iterator = _progress(iterator, self.data)
+        for i, (inputs, target) in enumerate(iterator):
+            n = self.batch_size_fn(target)
+            if n == 0:
+                continue
+            self._check_placement(inputs, target, i)
+            weight = n / self._num_data if self.reduction == "mean" else 1.0
+            yield Batch(i, inputs, target, n, weight)
+
+    def _check_placement(self, inputs: Any, target: Any, index: int) -> None:
+        for where, obj in (("inputs", inputs), ("target", target)):
+            for t in _tensors(obj):
+                if t.device != self.device:
+                    raise ValueError(
+                        f"batch {index}: the {where} are on {t.device} but the model's parameters "
+                        f"are on {self.device}; move the data (or the model), or pass "
+                        "move_batches=True to the Problem."
+                    )
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    raise ValueError(
+                        f"batch {index}: the {where} have dtype {t.dtype} but the parameters have "
+                        f"{self.dtype}; convert the data, or pass move_batches=True to the Problem."
+                    )
+
+    # ---------------------------------------------------------------- model evaluation
+    def forward(self, params: Mapping[str, Tensor], inputs: Any) -> Tensor:
+        """The prediction ``f(theta, x)`` with ``params`` replacing the model's (functional)."""
+        if isinstance(inputs, Mapping):
+            out = functional_call(self.model, dict(params), args=(), kwargs=dict(inputs))
+        elif isinstance(inputs, (tuple, list)):
+            out = functional_call(self.model, dict(params), tuple(inputs))
+        else:
+            out = functional_call(self.model, dict(params), (inputs,))
+        return self.output_fn(out)
+
+    def batch_loss(self, output: Tensor, target: Any) -> Tensor:
+        """The user's loss on one batch, unweighted."""
+        return self.loss_fn(output, target)
+
+    @contextlib.contextmanager
+    def model_context(self) -> Iterator[None]:
+        """Put the model in the Problem's mode for the duration, then restore it exactly.
+
+        ``eval``: every module in eval mode. ``batch_stats``: BatchNorm modules in train mode with
+        their running-statistics buffers hidden (so batch statistics are used and nothing is
+        updated), every other module (Dropout included) in eval mode.
+        """
+        flags = [(m, m.training) for m in self.model.modules()]
+        hidden: list[tuple[nn.Module, str, Tensor | None]] = []
+        try:
+            self.model.eval()
+            if self.mode == "batch_stats":
+                for m in self.model.modules():
+                    if isinstance(m, nn.modules.batchnorm._NormBase):
+                        m.train()
+                        for name in _BN_BUFFERS:
+                            if name in m._buffers:
+                                hidden.append((m, name, m._buffers[name]))
+                                m._buffers[name] = None
+            yield
+        finally:
+            for m, name, buf in hidden:
+                m._buffers[name] = buf
+            for m, flag in flags:
+                m.training = flag
+
+    # ---------------------------------------------------------------- loss and gradient
+    def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
+        """``L(theta)`` and ``grad L(theta)`` (flat ``[P]``) over the whole data, one pass."""
+        params = self.parameters()
+        frozen = self.frozen_parameters(params)
+        total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
+        grad = torch.zeros(self.num_params, dtype=self.accumulate_dtype, device=self.device)
+        with self.model_context():
+            for batch in self.batches():
+                leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+                with torch.enable_grad():
+                    loss = batch.weight * self.batch_loss(
+                        self.forward({**frozen, **leaves}, batch.inputs), batch.target
+                    )
+                    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
+                                                materialize_grads=True)
+                total += loss.detach().to(self.accumulate_dtype)
+                grad += self.param_space.join(list(grads)).to(self.accumulate_dtype)
+        return total, grad
+
+    def validate(self) -> None:
+        """Check the first batch: a finite scalar loss, finite gradients, no unused parameters.
+
+        Raises:
+            TypeError: the batch or the loss has the wrong kind.
+            ValueError: a non-scalar or non-finite loss, non-finite gradients, or selected
+                parameters that do not influence the loss.
+        """
+        batch = next(iter(self.batches()))
+        params = self.parameters()
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        with self.model_context(), torch.enable_grad():
+            try:
+                output = self.forward({**self.frozen_parameters(params), **leaves}, batch.inputs)
+            except (TypeError, ValueError):
+                raise
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the model failed on the first batch (inputs {_describe(batch.inputs)}): "
+                    f"{_first_line(err)}; check that batch_fn returns (inputs, target) in the "
+                    "form the model's forward expects."
+                ) from err
+            try:
+                loss = self.batch_loss(output, batch.target)
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise ValueError(
+                    f"the loss failed on the first batch (output {_describe(output)}, target "
+                    f"{_describe(batch.target)}): {_first_line(err)}; check that loss_fn fits the "
+                    "model's output and the targets."
+                ) from err
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor, got {shape}; use reduction='mean' or "
+                    "'sum' (not 'none')."
+                )
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(
+                    f"the loss on the first batch is {loss.item()}; check the inputs for NaN/inf "
+                    "values and the model for overflow (try float64)."
+                )
+            grads = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
+        unused = [n for n, g in zip(leaves, grads) if g is None]
+        if unused:
+            raise ValueError(
+                f"parameters {unused} do not influence the loss (no gradient); leave them out with "
+                "params=[...] or params=regex, or set requires_grad=False on them."
+            )
+        bad = [n for n, g in zip(leaves, grads) if g is not None and not bool(torch.isfinite(g).all())]
+        if bad:
+            raise ValueError(
+                f"the gradient on the first batch is not finite for {bad}; check the data and the "
+                "model for overflow (try float64 or a smaller learning rate when training)."
+            )
+
+    def check_determinism(self) -> None:
+        """Two passes over the data must give the same loss and gradient.
+
+        Raises:
+            RuntimeError: they differ; the message names the likely causes found (shuffling,
+                augmentation, Dropout, train-mode BatchNorm, ``drop_last``).
+        """
+        sizes = [[self.batch_size_fn(t) for _, t in self._raw_batches()] for _ in range(2)]
+        loss1, grad1 = self.loss_and_gradient()
+        loss2, grad2 = self.loss_and_gradient()
+        rtol = 1e3 * torch.finfo(self.accumulate_dtype).eps
+        loss_diff = float((loss1 - loss2).abs())
+        grad_diff = float((grad1 - grad2).norm() / grad1.norm().clamp_min(1e-300))
+        if sizes[0] == sizes[1] and loss_diff <= rtol * max(abs(float(loss1)), 1e-300) and grad_diff <= rtol:
+            return
+        causes = self._likely_nondeterminism_causes(sizes[0] != sizes[1])
+        raise RuntimeError(
+            "the data or the model is not deterministic: two passes gave losses "
+            f"{float(loss1):.10g} and {float(loss2):.10g} (relative gradient difference "
+            f"{grad_diff:.2e}), so every curvature product would use a different matrix. Likely "
+            f"cause(s): {'; '.join(causes)}."
+        )
+
+    def _likely_nondeterminism_causes(self, sizes_differ: bool) -> list[str]:
+        causes = []
+        data = self.data
+        sampler = getattr(data, "sampler", None)
+        if isinstance(sampler, torch.utils.data.RandomSampler):
+            causes.append("shuffling: build the DataLoader with shuffle=False")
+        if getattr(data, "drop_last", False):
+            causes.append("drop_last=True drops examples (different ones when shuffling); "
+                          "use drop_last=False")
+        dataset = getattr(data, "dataset", None)
+        if any(getattr(dataset, a, None) is not None
+               for a in ("transform", "transforms", "target_transform")):
+            causes.append("data augmentation: the dataset applies a transform; use a "
+                          "deterministic one")
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self.model.modules()):
+            causes.append("Dropout: curvscope switches Dropout modules off, but a forward that "
+                          "calls F.dropout(training=True) stays random")
+        if self.mode == "batch_stats" and any(
+            isinstance(m, nn.modules.batchnorm._NormBase) for m in self.model.modules()
+        ):
+            causes.append("train-mode BatchNorm (mode='batch_stats') depends on how the batches "
+                          "are formed")
+        if sizes_differ:
+            causes.append("the batch sizes differ between passes (a sampler or shuffling)")
+        if not causes:
+            causes.append("randomness inside the model or the data pipeline (random "
+                          "augmentation, sampling, non-deterministic kernels)")
+        return causes
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Tensor):
+        return f"Tensor{list(obj.shape)} {obj.dtype}"
+    if isinstance(obj, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in obj) + ")"
+    return type(obj).__name__
+
+
+def _progress(iterator: Iterable[Any], data: Any) -> Iterable[Any]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return iterator
+    total = len(data) if hasattr(data, "__len__") else None
+    return tqdm(iterator, total=total, desc="data pass", leave=False)
+
+
+__all__ = ["Batch", "Problem", "default_batch_fn", "default_batch_size_fn", "default_output_fn"]

@@ -1,0 +1,43 @@
+"""Testing utilities: dense float64 ground truth (`dense`) and tiny seeded problems (`problems`)."""
+
+from .dense import (
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_gradient,
+    dense_gradient_covariance,
+    dense_hessian,
+    dense_hessian_checked,
+    dense_jacobian,
+    dense_loss,
+    flat_params,
+    per_example_gradients,
+)
+from .problems import (
+    TinyHFClassifier,
+    TinyHFOutput,
+    TinyProblem,
+    gaussian_blobs,
+    tiny_cnn,
+    tiny_hf_model,
+    tiny_mlp,
+)
+
+__all__ = [
+    "flat_params",
+    "dense_loss",
+    "dense_gradient",
+    "dense_hessian",
+    "dense_hessian_checked",
+    "dense_jacobian",
+    "dense_ggn",
+    "per_example_gradients",
+    "dense_empirical_fisher",
+    "dense_gradient_covariance",
+    "TinyProblem",
+    "TinyHFOutput",
+    "TinyHFClassifier",
+    "tiny_mlp",
+    "tiny_cnn",
+    "tiny_hf_model",
+    "gaussian_blobs",
+]

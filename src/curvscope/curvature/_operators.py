@@ -54,11 +54,20 @@ class EngineFallbackWarning(UserWarning):
     """An autodiff engine failed on this model or loss and curvscope switched to another one."""
 
 
+_MISSING_RULE_PHRASES = (
+    "forward ad", "forward-mode", "forward mode", "zerotensors are immutable", "batching rule",
+    "vmap", "not implemented", "does not support", "not supported", "jvp",
+)
+
+
 def _is_missing_autodiff_rule(err: BaseException) -> bool:
-    """Whether ``err`` says an op lacks a forward-mode / batching rule (not out-of-memory)."""
-    return isinstance(err, (RuntimeError, NotImplementedError)) and not isinstance(
-        err, torch.OutOfMemoryError
-    )
+    """Whether ``err`` says an op lacks a forward-mode or batching rule (not a user error)."""
+    if isinstance(err, NotImplementedError):
+        return True
+    if not isinstance(err, RuntimeError) or isinstance(err, torch.OutOfMemoryError):
+        return False
+    text = str(err).lower()
+    return any(phrase in text for phrase in _MISSING_RULE_PHRASES)
 
 
 class _BatchContext:

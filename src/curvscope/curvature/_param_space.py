@@ -164,6 +164,13 @@ def select_parameters(
         all(isinstance(m, nn.Module) for m in selection)
     ):
         modules = [selection] if isinstance(selection, nn.Module) else list(selection)
+        own = {id(m) for m in model.modules()}
+        foreign = [type(m).__name__ for m in modules if id(m) not in own]
+        if foreign:
+            raise ValueError(
+                f"modules {foreign} are not submodules of the model; pass modules of the model "
+                "itself (e.g. model.layer1)."
+            )
         ids = {id(p) for m in modules for p in m.parameters()}
         chosen = {n: p for n, p in named.items() if id(p) in ids}
         if not chosen:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,6 +22,16 @@ PSD = "psd"
 
 #: Above this many entries ``to_dense`` refuses (pass ``max_entries`` to override).
 DEFAULT_MAX_DENSE_ENTRIES = 50_000_000
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``torch.device`` with an explicit index for accelerators (``cuda`` -> ``cuda:0``), so that
+    devices compare equal to those of tensors.
+    """
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None and device.type != "meta":
+        return torch.empty(0, device=device).device
+    return device
 
 
 class LinearOperator:
@@ -58,7 +69,7 @@ class LinearOperator:
             raise ValueError(f"shape must be non-negative, got {shape}.")
         self.shape: tuple[int, int] = (m, n)
         self.dtype: torch.dtype = dtype
-        self.device: torch.device = torch.device(device)
+        self.device: torch.device = canonical_device(device)
         self.tags: frozenset[str] = frozenset(tags)
 
     # ----------------------------------------------------------------- the one hook
@@ -157,7 +168,7 @@ class LinearOperator:
         np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
 
         def matmat(X: Any) -> Any:
-            X_t = torch.as_tensor(X).to(dtype=self.dtype, device=self.device)
+            X_t = torch.from_numpy(np.array(X, copy=True)).to(dtype=self.dtype, device=self.device)
             return (self @ X_t).detach().cpu().numpy()
 
         adjoint = self if self.is_symmetric else None
@@ -197,6 +208,8 @@ class LinearOperator:
     __rmul__ = __mul__
 
     def __truediv__(self, alpha: float) -> LinearOperator:
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:
+            alpha = float(alpha)
         if not isinstance(alpha, (int, float)):
             return NotImplemented
         return self * (1.0 / alpha)

@@ -10,7 +10,9 @@ from curvscope.linops._base import LinearOperator
 
 def _as_index(index: Tensor | slice | list[int], n: int, device: torch.device) -> Tensor:
     if isinstance(index, slice):
-        return torch.arange(n, device=device)[index]
+        return torch.tensor(range(n)[index], dtype=torch.long, device=device)
+    if isinstance(index, (list, tuple)) and len(index) == 0:
+        raise ValueError("index is empty: a restriction needs at least one coordinate.")
     idx = torch.as_tensor(index, device=device)
     if idx.dtype == torch.bool:
         if idx.shape != (n,):

@@ -30,7 +30,7 @@ class DenseOperator(LinearOperator):
         if tags is None:
             tags = set()
             if M.shape[0] == M.shape[1]:
-                tol = 100 * torch.finfo(M.dtype).eps * max(1.0, float(M.abs().max()))
+                tol = 100 * torch.finfo(M.dtype).eps * float(M.abs().max())  # relative
                 if bool((M - M.T).abs().max() <= tol):
                     tags.add(SYMMETRIC)
         super().__init__(tuple(M.shape), dtype=M.dtype, device=M.device, tags=tags)

@@ -45,16 +45,16 @@ def recognise_loss(loss_fn: Callable[..., Tensor], target: Any) -> LossKind:
     (handled exactly by automatic differentiation instead of a closed form).
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
-        plain = loss_fn is F.cross_entropy or (
+        plain = not isinstance(loss_fn, nn.CrossEntropyLoss) or (
             loss_fn.weight is None and loss_fn.label_smoothing == 0.0
         )
         if plain and isinstance(target, Tensor) and not target.is_floating_point():
-            ignore = -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index
+            ignore = loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
             return LossKind("cross_entropy", ignore)
     elif isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
         return LossKind("mse")
     elif isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
-        if loss_fn is F.binary_cross_entropy_with_logits or (
+        if not isinstance(loss_fn, nn.BCEWithLogitsLoss) or (
             loss_fn.weight is None and loss_fn.pos_weight is None
         ):
             return LossKind("bce")

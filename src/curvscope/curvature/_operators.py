@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -89,7 +89,8 @@ class _BatchContext:
     def linearization(self) -> tuple[Tensor, Callable]:
         """``z_b`` and its vector-Jacobian product (computed once per batch)."""
         if "vjp" not in self.cache:
-            z, vjp_fn = vjp(self.output, self.params)
+            # torch.func.vjp is annotated with the union over ``has_aux``; without aux it is a pair
+            z, vjp_fn = cast(tuple[Tensor, Callable[..., Any]], vjp(self.output, self.params))
             self.cache["vjp"] = (z.detach(), vjp_fn)
         return self.cache["vjp"]
 
@@ -246,7 +247,7 @@ class CurvatureOperator(LinearOperator):
             size = min(self.chunk_size or k, k - start)
             V = self.param_space.split(Xp[:, start : start + size])
             try:
-                total = None
+                total: Tensor | None = None
                 for coef, op in kernels:
                     part = self.param_space.join(op._batch_product(ctx, V), batched=True)
                     total = coef * part if total is None else total.add_(part, alpha=coef)
@@ -259,11 +260,12 @@ class CurvatureOperator(LinearOperator):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
+            assert total is not None  # kernels is never empty
             out[:, start : start + size] += total.to(self.dtype)
             start += size
 
     # ---------------------------------------------------------------- algebra
-    def _same_space(self, other: LinearOperator) -> bool:
+    def _same_space(self, other: LinearOperator) -> TypeGuard[CurvatureOperator]:
         return (isinstance(other, CurvatureOperator) and other.problem is self.problem
                 and other.param_space == self.param_space)
 
@@ -372,6 +374,7 @@ class HessianOperator(CurvatureOperator):
             return {n: torch.zeros_like(V[n]) for n in names}
         outputs = [grads[i] for i in live]
         tangents = [V[names[i]] for i in live]
+        res: Sequence[Tensor]
         try:
             res = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs=tangents,
                                       retain_graph=True, allow_unused=True,
@@ -417,7 +420,9 @@ class _PerExampleGradientKernel(CurvatureOperator):
     def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         gs = self._output_gradients(ctx)
         JV = ctx.jacobian_product(V)
-        U = sum(g.unsqueeze(0) * _rowdot(g, JV) for g in gs) * (self._scale(ctx) / len(gs))
+        acc = sum(g.unsqueeze(0) * _rowdot(g, JV) for g in gs)
+        assert isinstance(acc, Tensor)  # gs is never empty
+        U = acc * (self._scale(ctx) / len(gs))
         return ctx.transpose_jacobian_product(U)
 
     def _per_example_loss_gradients(self, ctx: _BatchContext) -> Tensor:
@@ -529,4 +534,5 @@ def ResidualOperator(problem: Problem, *, params: Any = None,  # noqa: N802 - re
     """
     H = HessianOperator(problem, params=params, engine=engine, chunk_size=chunk_size)
     G = GGNOperator(problem, params=params, chunk_size=chunk_size)
-    return H - G
+    # what ``H - G`` builds: both act on the same Problem and block
+    return CombinedCurvatureOperator([(1.0, H), (-1.0, G)])

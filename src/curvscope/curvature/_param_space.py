@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ class ParamSpace:
     device: torch.device
 
     @classmethod
-    def from_tensors(cls, params: dict[str, Tensor]) -> ParamSpace:
+    def from_tensors(cls, params: Mapping[str, Tensor]) -> ParamSpace:
         """Build from an ordered ``{name: tensor}`` dict (all on one device and dtype)."""
         if not params:
             raise ValueError(
@@ -129,7 +129,7 @@ class ParamSpace:
 def select_parameters(
     model: nn.Module,
     selection: None | str | Iterable[str] | re.Pattern | nn.Module | Iterable[nn.Module],
-) -> dict[str, Tensor]:
+) -> dict[str, nn.Parameter]:
     """Resolve a parameter selection into an ordered ``{name: parameter}`` dict.
 
     Args:

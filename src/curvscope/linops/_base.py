@@ -8,7 +8,7 @@ accepts vectors ``[n]`` and matrices ``[n, k]``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
@@ -119,8 +119,14 @@ class LinearOperator:
                 f"move it with x.to('{self.device}')."
             )
 
-    def __matmul__(self, X: Tensor) -> Tensor:
-        """``A @ x`` for ``x`` of shape ``[n]`` or ``[n, k]``."""
+    @overload
+    def __matmul__(self, X: LinearOperator) -> LinearOperator: ...
+
+    @overload
+    def __matmul__(self, X: Tensor) -> Tensor: ...
+
+    def __matmul__(self, X: Tensor | LinearOperator) -> Tensor | LinearOperator:
+        """``A @ x`` for ``x`` of shape ``[n]`` or ``[n, k]``; ``A @ B`` for an operator ``B``."""
         if isinstance(X, LinearOperator):
             return ProductOperator(self, X)
         self._check_input(X)
@@ -269,6 +275,9 @@ def _check_compatible(ops: list[LinearOperator]) -> None:
 class SumOperator(LinearOperator):
     """``sum_i c_i A_i``; tags: symmetric if all are, psd if all are and every ``c_i >= 0``."""
 
+    operators: list[LinearOperator]
+    coefficients: list[float]
+
     def __init__(self, operators: list[LinearOperator], coefficients: list[float] | None = None):
         if not operators:
             raise ValueError("SumOperator needs at least one operator.")
@@ -291,7 +300,7 @@ class SumOperator(LinearOperator):
         if len(shapes) != 1:
             raise ValueError(f"cannot add operators of shapes {sorted(shapes)}.")
         _check_compatible(flat_ops)
-        tags = set()
+        tags: set[str] = set()
         if all(op.is_symmetric for op in flat_ops):
             tags.add(SYMMETRIC)
             if all(op.is_psd for op in flat_ops) and all(c >= 0 for c in flat_coefs):
@@ -302,7 +311,7 @@ class SumOperator(LinearOperator):
         self.coefficients = flat_coefs
 
     def _matmat(self, X: Tensor) -> Tensor:
-        out = None
+        out: Tensor | None = None
         for op, c in zip(self.operators, self.coefficients):
             term = op @ X
             out = c * term if out is None else out.add_(term, alpha=c)

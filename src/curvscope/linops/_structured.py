@@ -33,7 +33,7 @@ class DenseOperator(LinearOperator):
                 tol = 100 * torch.finfo(M.dtype).eps * float(M.abs().max())  # relative
                 if bool((M - M.T).abs().max() <= tol):
                     tags.add(SYMMETRIC)
-        super().__init__(tuple(M.shape), dtype=M.dtype, device=M.device, tags=tags)
+        super().__init__((M.shape[0], M.shape[1]), dtype=M.dtype, device=M.device, tags=tags)
         self.M = M
 
     def _matmat(self, X: Tensor) -> Tensor:

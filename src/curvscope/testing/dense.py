@@ -174,10 +174,13 @@ class _Setup:
         return sum(w * self.batch_loss(theta, x, y) for (x, y), w in terms)
 
     def jacobians(self) -> list[Tensor]:
-        return [
-            torch.func.jacrev(lambda th, x=x: self.output(th, x).reshape(-1))(self.theta0).detach()
-            for x, _ in self.batches
-        ]
+        out = []
+        for x, _ in self.batches:
+            def flat_output(th: Tensor, x: Any = x) -> Tensor:
+                return self.output(th, x).reshape(-1)
+
+            out.append(torch.func.jacrev(flat_output)(self.theta0).detach())
+        return out
 
     def per_example_gradients(self) -> Tensor:
         rows = []
@@ -185,19 +188,24 @@ class _Setup:
             n = y.shape[0]
             for i in range(n):
                 xi, yi = _slice(x, i, n), y[i : i + 1]
-                rows.append(_grad(lambda th, a=xi, b=yi: self.batch_loss(th, a, b), self.theta0))
+
+                def example_loss(th: Tensor, a: Any = xi, b: Tensor = yi) -> Tensor:
+                    return self.batch_loss(th, a, b)
+
+                rows.append(_grad(example_loss, self.theta0))
         return torch.stack(rows) if rows else torch.zeros(0, self.theta0.numel(), dtype=_F64)
 
 
 def _hessian_autograd(s: _Setup) -> Tensor:
     """Double backward, one row ``H[i] = d(dL/dtheta_i)/dtheta`` at a time."""
     theta = s.theta0.clone().requires_grad_(True)
-    kw = dict(allow_unused=True, materialize_grads=True)
-    (g,) = torch.autograd.grad(s.loss(theta), theta, create_graph=True, **kw)
+    (g,) = torch.autograd.grad(s.loss(theta), theta, create_graph=True, allow_unused=True,
+                               materialize_grads=True)
     H = torch.zeros(theta.numel(), theta.numel(), dtype=_F64)
     if g.requires_grad:
         for i in range(theta.numel()):
-            (H[i],) = torch.autograd.grad(g[i], theta, retain_graph=True, **kw)
+            (H[i],) = torch.autograd.grad(g[i], theta, retain_graph=True, allow_unused=True,
+                                          materialize_grads=True)
     return H
 
 

@@ -135,6 +135,8 @@ def tiny_mlp(
         )
     model = model.to(dtype)
     X = torch.randn(n, in_dim, generator=g, dtype=torch.float64)
+    loss_fn: nn.Module
+    num_classes: int | None
     if kind == "classification":
         y = _balanced_labels(n, out_dim, g)
         X = X + 2.0 * torch.randn(out_dim, in_dim, generator=g, dtype=torch.float64)[y]
@@ -177,7 +179,8 @@ def tiny_cnn(
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layers = [nn.Conv2d(1, 3, 3)] + ([nn.BatchNorm2d(3)] if batchnorm else [])
+        layers: list[nn.Module] = [nn.Conv2d(1, 3, 3)]
+        layers += [nn.BatchNorm2d(3)] if batchnorm else []
         layers += [_ACTIVATIONS[activation](), nn.Flatten(), nn.Linear(3 * 4 * 4, num_classes)]
         model = nn.Sequential(*layers).to(dtype)
     if batchnorm:
@@ -189,6 +192,7 @@ def tiny_cnn(
                 )
         with torch.no_grad():  # non-trivial affine parameters too
             bn = model[1]
+            assert isinstance(bn, nn.BatchNorm2d)
             bn.weight.copy_(1.0 + 0.3 * torch.randn(3, generator=g, dtype=torch.float64))
             bn.bias.copy_(0.2 * torch.randn(3, generator=g, dtype=torch.float64))
     model.eval()

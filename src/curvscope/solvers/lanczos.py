@@ -1,0 +1,279 @@
+"""Lanczos tridiagonalisation of a symmetric operator, several start vectors in lockstep.
+
+For a symmetric ``A`` and a unit start vector ``q_1``, ``m`` Lanczos steps build an orthonormal
+basis ``Q = [q_1 .. q_m]`` of the Krylov space and the tridiagonal ``T = Q^T A Q``:
+
+.. math:: A q_j = \\beta_{j-1} q_{j-1} + \\alpha_j q_j + \\beta_j q_{j+1}.
+
+``p`` start vectors advance together, so each step is one product ``A @ V`` with ``V [n, p]`` —
+one pass over the data for a curvature operator.
+
+Reorthogonalisation (``reorth``):
+
+* ``"full"``: every new vector is orthogonalised against its whole basis by classical
+  Gram-Schmidt applied twice (CGS2), as batched matrix products over the probes.
+* ``"partial"``: Simon's omega-recurrence estimates the loss of orthogonality; CGS2 runs only on
+  the steps where it exceeds ``sqrt(eps)`` (and the step after).
+* ``"none"``: the three-term recurrence alone (Paige; Papyan's "fast Lanczos"); only three vectors
+  of memory per probe with ``basis="none"``. Ritz values then acquire spurious copies ("ghosts").
+
+References:
+    C. Lanczos (1950); C. C. Paige (1972); H. D. Simon, "The Lanczos algorithm with partial
+    reorthogonalization", Math. Comp. 42 (1984); L. Giraud, J. Langou, M. Rozloznik, "The loss of
+    orthogonality in the Gram-Schmidt orthogonalization process" (2005) for CGS2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from curvscope._diagnostics import Counted
+from curvscope.estimators._probes import check_generator, random_probes
+from curvscope.linops._base import LinearOperator
+from curvscope.solvers._results import LanczosResult
+
+REORTH = ("full", "partial", "none")
+BASIS = ("device", "host", "none")
+
+
+def check_symmetric(A: object, who: str) -> None:
+    """Raise unless ``A`` is a square LinearOperator tagged symmetric."""
+    if not isinstance(A, LinearOperator):
+        raise TypeError(
+            f"{who} needs a curvscope LinearOperator, got {type(A).__name__}; wrap a matrix with "
+            "curvscope.linops.DenseOperator(M)."
+        )
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"{who} needs a square operator, got shape {A.shape}.")
+    if not A.is_symmetric:
+        raise ValueError(
+            f"{who} needs a symmetric operator; got tags {sorted(A.tags) or '{}'}. If you know "
+            "the matrix is symmetric, build it as DenseOperator(M, tags={'symmetric'})."
+        )
+
+
+def start_vectors(A: LinearOperator, v0: Tensor | None, num_probes: int, distribution: str,
+                  generator: torch.Generator | None) -> Tensor:
+    """``[n, p]`` start vectors: ``v0`` (``[n]`` or ``[n, p]``) or random probes."""
+    check_generator(generator)
+    n = A.shape[0]
+    if v0 is None:
+        if not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive int, got {num_probes!r}.")
+        return random_probes(n, num_probes, distribution=distribution, dtype=A.dtype,
+                             device=A.device, generator=generator)
+    if not isinstance(v0, Tensor):
+        raise TypeError(f"v0 must be a torch.Tensor [n] or [n, p], got {type(v0).__name__}.")
+    V = v0.unsqueeze(1) if v0.ndim == 1 else v0
+    if V.ndim != 2 or V.shape[0] != n:
+        raise ValueError(f"v0 must have shape [{n}] or [{n}, p], got {tuple(v0.shape)}.")
+    if not bool((V.norm(dim=0) > 0).all()):
+        raise ValueError("v0 has a zero column; start vectors must be non-zero.")
+    return V.to(dtype=A.dtype, device=A.device)
+
+
+def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None) -> Tensor:
+    """CGS2: ``W[:, l] -= Q_l (Q_l^T W[:, l])`` twice, for every probe ``l`` at once.
+
+    ``Q`` is ``[p, j, n]`` (any device; moved in one piece), ``W`` is ``[n, p]``; ``mask`` ``[p]``
+    restricts the update to some probes.
+    """
+    if Q.shape[1] == 0:
+        return W
+    Qd = Q.to(W.device, non_blocking=True)
+    for _ in range(2):
+        coeffs = torch.einsum("pjn,np->pj", Qd, W)
+        if mask is not None:
+            coeffs = coeffs * mask.unsqueeze(1)
+        W = W - torch.einsum("pjn,pj->np", Qd, coeffs)
+    return W
+
+
+def lanczos(
+    A: LinearOperator,
+    num_iters: int,
+    *,
+    v0: Tensor | None = None,
+    num_probes: int = 1,
+    reorth: str = "full",
+    basis: str = "device",
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+) -> LanczosResult:
+    """Run ``num_iters`` Lanczos steps from ``p`` start vectors in lockstep.
+
+    Args:
+        A: symmetric operator ``[n, n]``.
+        num_iters: steps ``m`` (at most ``n``).
+        v0: start vectors ``[n]`` or ``[n, p]`` (normalised here); default: ``num_probes``
+            random probes of ``distribution`` from ``generator``.
+        num_probes: ``p`` when ``v0`` is not given.
+        reorth: ``"full"``, ``"partial"`` or ``"none"`` (see the module docstring).
+        basis: where the Lanczos vectors live: ``"device"`` (the operator's), ``"host"`` (CPU
+            memory, pinned on CUDA) or ``"none"`` (discarded; only with ``reorth="none"``).
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+        generator: explicit randomness.
+
+    Returns:
+        :class:`LanczosResult` with ``alpha``, ``beta`` ``[p, m]``, the start vectors' norms, the
+        basis ``[p, m, n]`` if kept, and the cost. A probe whose Krylov space is exhausted early
+        (``beta = 0``) continues from a random vector orthogonal to its basis (full and partial
+        reorthogonalisation) or from zero (``reorth="none"``: zero-weight nodes).
+
+    Raises:
+        TypeError, ValueError: bad operator or arguments.
+
+    Example:
+        >>> import torch
+        >>> from curvscope.linops import DiagonalOperator
+        >>> A = DiagonalOperator(torch.arange(1.0, 6.0, dtype=torch.float64))
+        >>> res = lanczos(A, 5, generator=torch.Generator().manual_seed(0))
+        >>> theta, _ = res.ritz()
+        >>> torch.allclose(theta[0], torch.arange(1.0, 6.0, dtype=torch.float64))
+        True
+    """
+    check_symmetric(A, "lanczos")
+    n = A.shape[0]
+    if not isinstance(num_iters, int) or not 1 <= num_iters <= n:
+        raise ValueError(f"num_iters must be an int in [1, n={n}], got {num_iters!r}.")
+    if reorth not in REORTH:
+        raise ValueError(f"reorth must be one of {REORTH}, got {reorth!r}.")
+    if basis not in BASIS:
+        raise ValueError(f"basis must be one of {BASIS}, got {basis!r}.")
+    if basis == "none" and reorth != "none":
+        raise ValueError(
+            f"reorth={reorth!r} needs the Lanczos vectors; use basis='device' or 'host', or "
+            "reorth='none' to discard them."
+        )
+    counted = Counted(A)
+    V = start_vectors(A, v0, num_probes, distribution, generator)
+    p, m = V.shape[1], num_iters
+    start_norms = V.norm(dim=0)
+    V = V / start_norms
+    store = _BasisStore(p, m, n, A.dtype, A.device, basis)
+    store.put(0, V)
+    alpha = torch.zeros(m, p, dtype=A.dtype, device=A.device)
+    beta = torch.zeros(m, p, dtype=A.dtype, device=A.device)
+    V_prev = torch.zeros_like(V)
+    beta_prev = torch.zeros(p, dtype=A.dtype, device=A.device)
+    eps = torch.finfo(A.dtype).eps
+    scale = torch.zeros(p, dtype=A.dtype, device=A.device)  # running estimate of ||A||
+    omega = _Omega(p, m, n, eps, A.dtype, A.device) if reorth == "partial" else None
+    for j in range(m):
+        W = counted @ V
+        a = (V * W).sum(0)
+        W = W - V * a - V_prev * beta_prev
+        if reorth == "full":
+            W = _project_out(W, store.view(j + 1))
+        b = W.norm(dim=0)
+        scale = torch.maximum(scale, a.abs() + b + beta_prev)
+        if omega is not None:
+            alpha[j] = a
+            need = omega.advance(j, alpha, beta, b, scale)
+            if need is not None:
+                W = _project_out(W, store.view(j + 1), need.to(W.dtype))
+                b = W.norm(dim=0)
+        alpha[j] = a
+        V_next, b = _next_vector(W, b, scale, eps, store, j + 1, reorth, generator)
+        beta[j] = b
+        V_prev, beta_prev, V = V, b, V_next
+        if j + 1 < m:
+            store.put(j + 1, V)
+    return LanczosResult(alpha.T.contiguous(), beta.T.contiguous(), start_norms,
+                         store.result(), reorth, counted.cost())
+
+
+def _next_vector(W: Tensor, b: Tensor, scale: Tensor, eps: float, store: _BasisStore,
+                 j: int, reorth: str, generator: torch.Generator | None
+                 ) -> tuple[Tensor, Tensor]:
+    """``q_{j+1} = W / beta_j``; where ``beta_j`` vanishes (an invariant subspace was found) the
+    coupling is set to zero and the probe continues from a fresh direction orthogonal to its basis
+    (from zero with ``reorth="none"``).
+
+    One scalar host synchronisation per step (``any``), none per basis vector.
+    """
+    tiny = torch.finfo(W.dtype).tiny
+    broken = b <= 10 * eps * scale.clamp_min(tiny)
+    if not bool(broken.any()):
+        return W / b, b
+    b = torch.where(broken, torch.zeros_like(b), b)
+    keep = (~broken).to(W.dtype)
+    V = W * keep / b.clamp_min(tiny)
+    if reorth == "none" or j >= store.capacity:
+        return V, b
+    fresh = random_probes(W.shape[0], W.shape[1], distribution="gaussian", dtype=W.dtype,
+                          device=W.device, generator=generator)
+    fresh = _project_out(fresh, store.view(j))
+    fresh = fresh / fresh.norm(dim=0).clamp_min(tiny)
+    return V + fresh * (1 - keep), b
+
+
+class _BasisStore:
+    """The Lanczos vectors ``[p, m, n]`` on the device, in (pinned) host memory, or nowhere."""
+
+    def __init__(self, p: int, m: int, n: int, dtype: torch.dtype, device: torch.device,
+                 where: str) -> None:
+        self.where, self.capacity = where, m
+        self.data: Tensor | None = None
+        if where == "device":
+            self.data = torch.empty(p, m, n, dtype=dtype, device=device)
+        elif where == "host":
+            pin = device.type == "cuda"
+            self.data = torch.empty(p, m, n, dtype=dtype, device="cpu", pin_memory=pin)
+
+    def put(self, j: int, V: Tensor) -> None:
+        if self.data is not None:
+            self.data[:, j].copy_(V.T, non_blocking=True)
+
+    def view(self, j: int) -> Tensor:
+        assert self.data is not None
+        return self.data[:, :j]
+
+    def result(self) -> Tensor | None:
+        return self.data
+
+
+class _Omega:
+    """Simon's recurrence for ``omega_{jk} ~ q_j^T q_k`` (partial reorthogonalisation)."""
+
+    def __init__(self, p: int, m: int, n: int, eps: float, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.eps, self.n = eps, n
+        self.prev = torch.zeros(p, m + 1, dtype=dtype, device=device)
+        self.cur = torch.zeros(p, m + 1, dtype=dtype, device=device)
+        self.cur[:, 0] = 1.0
+        self.threshold = math.sqrt(eps)
+        self.force_next = False
+
+    def advance(self, j: int, alpha: Tensor, beta: Tensor, b: Tensor, scale: Tensor
+                ) -> Tensor | None:
+        """Estimates for ``q_{j+1}``; returns the probes that need reorthogonalisation."""
+        a_k = alpha[: j + 1].T  # [p, j+1]
+        b_k = beta[: j + 1].T  # beta[k] couples k, k+1 (beta[j] not yet known: zero)
+        b_j = b.clamp_min(torch.finfo(b.dtype).tiny)
+        nxt = torch.zeros_like(self.cur)
+        if j >= 1:
+            k = slice(0, j)
+            up = b_k[:, 0:j] * self.cur[:, 1 : j + 1]
+            mid = (a_k[:, 0:j] - a_k[:, j : j + 1]) * self.cur[:, k]
+            down = torch.zeros_like(mid)
+            down[:, 1:] = b_k[:, 0 : j - 1] * self.cur[:, 0 : j - 1]
+            back = beta[j - 1].unsqueeze(1) * self.prev[:, k]
+            num = up + mid + down - back
+            noise = self.eps * math.sqrt(self.n) * scale.unsqueeze(1)
+            nxt[:, k] = (num + torch.sign(num) * noise) / b_j.unsqueeze(1)
+        nxt[:, j] = self.eps * math.sqrt(self.n)
+        nxt[:, j + 1] = 1.0
+        lost = nxt[:, : j + 1].abs().amax(dim=1) > self.threshold
+        need = lost | torch.full_like(lost, self.force_next)
+        any_need = bool(need.any())
+        self.force_next = bool(lost.any())
+        if any_need:
+            nxt[:, : j + 1] = torch.where(need.unsqueeze(1), torch.full_like(nxt[:, : j + 1],
+                                                                             self.eps),
+                                          nxt[:, : j + 1])
+        self.prev, self.cur = self.cur, nxt
+        return need if any_need else None

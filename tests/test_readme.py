@@ -3,8 +3,6 @@
 import pathlib
 import re
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +24,6 @@ def test_readme_commands_are_makefile_targets():
 
 
 def test_cli_demo_runs(capsys):
-    pytest.importorskip("scipy")
     from curvscope.cli import main
 
     assert main(["demo", "--classes", "3", "-k", "4"]) == 0

@@ -21,7 +21,31 @@ from curvscope.curvature import (
     Problem,
     ResidualOperator,
 )
+from curvscope.estimators import (
+    DiagonalEstimate,
+    SpectralDensity,
+    TraceEstimate,
+    hutchinson_block_traces,
+    hutchinson_diagonal,
+    hutchinson_frobenius,
+    hutchinson_trace,
+    hutchpp_trace,
+    slq,
+    xdiag,
+    xtrace,
+)
 from curvscope.linops import LinearOperator
+from curvscope.solvers import (
+    ConvergenceError,
+    ConvergenceWarning,
+    EigenResult,
+    LanczosResult,
+    eigsh,
+    lanczos,
+    power_iteration,
+    subspace_iteration,
+)
+from curvscope.solvers.sketch import nystrom_eigh, sketch_eigh
 
 __version__ = "0.1.0"
 
@@ -41,5 +65,29 @@ __all__ = [
     "LinearOperator",
     "ResidualOperator",
     "linops",
+    # solvers
+    "eigsh",
+    "lanczos",
+    "nystrom_eigh",
+    "power_iteration",
+    "sketch_eigh",
+    "subspace_iteration",
+    # estimators
+    "hutchinson_block_traces",
+    "hutchinson_diagonal",
+    "hutchinson_frobenius",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "slq",
+    "xdiag",
+    "xtrace",
+    # results
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "DiagonalEstimate",
+    "EigenResult",
+    "LanczosResult",
+    "SpectralDensity",
+    "TraceEstimate",
     "__version__",
 ]

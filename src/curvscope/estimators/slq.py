@@ -119,6 +119,7 @@ class SpectralDensity:
                 ``log10(|lambda| + eps)``, Papyan 2020).
             part: ``"both"``, ``"positive"`` or ``"negative"`` eigenvalues (the others get
                 weight zero; the densities of the parts add up to the whole).
+            eps: floor added to ``|lambda|`` on the log axis.
 
         Returns:
             ``(grid, density, std_error)``; ``density`` integrates to the probability mass of

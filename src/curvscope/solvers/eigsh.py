@@ -80,7 +80,8 @@ def select(theta: Tensor, count: int, which: str) -> Tensor:
 
 def _orthonormalize(X: Tensor, Q: Tensor, generator: torch.Generator | None) -> Tensor:
     """Orthonormal columns spanning ``X`` minus its part in ``span(Q)``; rank-deficient columns
-    are replaced by random directions orthogonal to ``Q`` and to the others."""
+    are replaced by random directions orthogonal to ``Q`` and to the others.
+    """
     X = _cgs2(X, Q)
     Qx, R = torch.linalg.qr(X)
     diag = R.diagonal().abs()

@@ -80,7 +80,8 @@ def sketch_eigh(
 
     Args:
         A: symmetric operator ``[n, n]`` (indefinite is fine).
-        k: number of eigenpairs; ``which`` (``LM`` by default, the sketch's natural order, or
+        k: number of eigenpairs.
+        which: which Ritz values to keep (``LM`` by default, the sketch's natural order, or
             ``LA`` / ``SA`` / ``BE``) picks them among the ``k + oversample`` Ritz values.
         oversample: extra sketch columns.
         num_power_iters: ``q``; each costs ``k + oversample`` products.

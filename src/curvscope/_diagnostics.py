@@ -56,7 +56,31 @@ class Cost:
                 "num_data_passes": self.num_data_passes, "wall_time": self.wall_time}
 
 
-class Counted:
+class CostMeter:
+    """Counts products and reads the data passes of the given Problems since construction."""
+
+    def __init__(self, problems: list[object], device: torch.device | None = None) -> None:
+        self.num_matvecs = 0
+        self.num_products = 0
+        self._device = device
+        self._problems = problems
+        self._passes0 = sum(p.num_data_passes for p in problems)  # type: ignore[attr-defined]
+        self._t0 = time.perf_counter()
+
+    def add(self, num_columns: int) -> None:
+        """Record one product of ``num_columns`` columns."""
+        self.num_products += 1
+        self.num_matvecs += num_columns
+
+    def cost(self) -> Cost:
+        """The cost so far (synchronises an accelerator once, for an honest wall time)."""
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        passes = sum(p.num_data_passes for p in self._problems) - self._passes0  # type: ignore[attr-defined]
+        return Cost(self.num_matvecs, self.num_products, passes, time.perf_counter() - self._t0)
+
+
+class Counted(CostMeter):
     """``A`` with counters: use ``counted @ X`` inside algorithms, then :meth:`cost`."""
 
     def __init__(self, A: LinearOperator) -> None:
@@ -66,20 +90,8 @@ class Counted:
                 "curvscope.linops.DenseOperator(M)."
             )
         self.A = A
-        self.num_matvecs = 0
-        self.num_products = 0
-        self._problems = problems_under(A)
-        self._passes0 = sum(p.num_data_passes for p in self._problems)  # type: ignore[attr-defined]
-        self._t0 = time.perf_counter()
+        super().__init__(problems_under(A), A.device)
 
     def __matmul__(self, X: Tensor) -> Tensor:
-        self.num_products += 1
-        self.num_matvecs += 1 if X.ndim == 1 else X.shape[1]
+        self.add(1 if X.ndim == 1 else X.shape[1])
         return self.A @ X
-
-    def cost(self) -> Cost:
-        """The cost so far (synchronises an accelerator once, for an honest wall time)."""
-        if self.A.device.type == "cuda":
-            torch.cuda.synchronize(self.A.device)
-        passes = sum(p.num_data_passes for p in self._problems) - self._passes0  # type: ignore[attr-defined]
-        return Cost(self.num_matvecs, self.num_products, passes, time.perf_counter() - self._t0)

@@ -1,0 +1,215 @@
+"""The main job: the whole curvature picture of a model, with its explanation.
+
+:func:`analyze` runs, on one :class:`~curvscope.Problem`:
+
+1. the top-``k`` and bottom-``k`` Hessian eigenpairs (thick-restart Lanczos, certified residuals);
+2. the SLQ density of the Hessian (linear and log scale), its bounds, the trace, the fraction and
+   mass of negative eigenvalues;
+3. the outlier / bulk split (:func:`~curvscope.analysis.outliers.find_outliers`), the density of
+   the bulk after deflating the outliers, a power-law fit of the bulk's top;
+4. Papyan's split ``H = G + H_res``: top eigenpairs and densities of the Gauss-Newton part ``G``
+   and of the residual, and the overlap of the top eigenspaces of ``H`` and ``G``;
+5. for cross-entropy, the class structure of ``G`` (:mod:`~curvscope.analysis.class_structure`):
+   spectra of ``G_0``, ``G_1``, ``G_2``, ``G_{1+2}``, how many outliers each explains, overlaps
+   with the top eigenspace, and a PCA embedding of the class means.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvscope.analysis.class_structure import ClassStructure, class_structure
+from curvscope.analysis.outliers import (
+    OutlierSplit,
+    PowerLawFit,
+    find_outliers,
+    fit_power_law,
+    subspace_overlap,
+)
+from curvscope.curvature._losses import recognise_loss
+from curvscope.curvature._operators import GGNOperator, HessianOperator, ResidualOperator
+from curvscope.curvature._problem import Problem
+from curvscope.estimators.slq import SpectralDensity, slq
+from curvscope.solvers._results import EigenResult
+from curvscope.solvers.eigsh import eigsh
+
+logger = logging.getLogger(__name__)
+
+BUDGETS = {  # num_probes, num_iters, extra top eigenpairs
+    "small": (4, 40),
+    "default": (10, 80),
+    "large": (20, 150),
+}
+
+
+@dataclass(frozen=True)
+class SpectrumAnalysis:
+    """Everything :func:`analyze` measured (tensors on the host)."""
+
+    info: dict[str, Any]
+    top: EigenResult
+    bottom: EigenResult
+    density: SpectralDensity
+    bulk_density: SpectralDensity | None
+    outliers: OutlierSplit
+    bulk_power_law: PowerLawFit | None
+    ggn_top: EigenResult | None
+    ggn_density: SpectralDensity | None
+    residual_density: SpectralDensity | None
+    overlap_hessian_ggn: float | None
+    classes: ClassStructure | None
+    class_overlaps: dict[str, float] = field(default_factory=dict)
+    class_outliers: dict[str, int] = field(default_factory=dict)
+
+    def trace(self) -> tuple[float, float]:
+        """``tr H`` from the density (``n * mean sum tau theta``) and its standard error."""
+        return self.density.trace_function(lambda t: t)
+
+    def summary(self) -> list[str]:
+        """Plain-language findings, one sentence each."""
+        out = []
+        C = self.info.get("num_classes")
+        n_out = self.outliers.count
+        cls = f" for {C} classes" if C else ""
+        out.append(f"{n_out} outlier{'s' if n_out != 1 else ''}{cls}: the top eigenvalues stand out "
+                   f"of the bulk (largest gap ratio {self.outliers.gap_ratio:.2f} >= "
+                   f"{self.outliers.threshold}; bulk edge {self.outliers.bulk_edge:.3g}).")
+        if self.overlap_hessian_ggn is not None:
+            carrier = "G (the Gauss-Newton part)" if self.overlap_hessian_ggn >= 0.5 else \
+                "not G alone"
+            out.append(f"Outliers carried by {carrier}: overlap of the top-{max(n_out, 1)} "
+                       f"eigenspaces of H and G {self.overlap_hessian_ggn:.2f}.")
+        if self.residual_density is not None and self.ggn_density is not None:
+            out.append("Bulk from the residual H - G: its spectrum is "
+                       f"[{self.residual_density.bounds[0]:.3g}, "
+                       f"{self.residual_density.bounds[1]:.3g}], G's is "
+                       f"[{self.ggn_density.bounds[0]:.3g}, {self.ggn_density.bounds[1]:.3g}].")
+        frac, _ = self.density.negative_fraction()
+        mass, _ = self.density.negative_mass()
+        out.append(f"{frac:.0%} negative eigenvalues, {mass:.0%} of the spectral mass "
+                   f"(smallest eigenvalue {float(self.bottom.eigenvalues.min()):.3g}).")
+        tr, se = self.trace()
+        out.append(f"Trace {tr:.4g} +- {se:.2g}; spectrum within [{self.density.bounds[0]:.3g}, "
+                   f"{self.density.bounds[1]:.3g}].")
+        if self.classes is not None:
+            g1 = self.class_outliers.get("G1", 0)
+            g12 = self.class_outliers.get("G12", 0)
+            out.append(f"Class structure ({self.classes.mode}): the class means (G1) have "
+                       f"{g1} eigenvalues above the bulk edge, the class/cross-class means "
+                       f"(G1+2) {g12}; overlap of G1+2's top space with the outlier space "
+                       f"{self.class_overlaps.get('G12', float('nan')):.2f}.")
+        return out
+
+
+def analyze(
+    problem: Problem,
+    *,
+    k: int | None = None,
+    budget: str = "default",
+    seed: int = 0,
+    outlier_threshold: float = 1.5,
+    papyan: bool = True,
+    classes: bool | None = None,
+    class_mode: str = "auto",
+) -> SpectrumAnalysis:
+    """Run the full spectrum analysis of a Problem's Hessian (see the module docstring).
+
+    Args:
+        problem: the Problem.
+        k: top eigenpairs to compute (default ``2 C + 10`` for ``C`` classes, else 20).
+        budget: ``"small"``, ``"default"`` or ``"large"``: SLQ probes x Lanczos steps.
+        seed: seed of every random choice.
+        outlier_threshold: gap ratio of the outlier rule.
+        papyan: also analyse ``G`` and ``H - G``.
+        classes: class structure of ``G`` (default: when the loss is cross-entropy).
+        class_mode: ``"auto"``, ``"exact"`` or ``"sketch"`` (see :func:`class_structure`).
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
+    num_probes, num_iters = BUDGETS[budget]
+    num_classes = _num_classes(problem)
+    P = problem.num_params
+    if k is None:
+        k = 2 * num_classes + 10 if num_classes else 20
+    k = min(k, P)
+
+    def gen(offset: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed + offset)
+
+    H = HessianOperator(problem)
+    top = eigsh(H, k, which="LA", generator=gen(1), tol=1e-6)
+    bottom = eigsh(H, min(5, P), which="SA", generator=gen(2), tol=1e-6)
+    density = slq(H, num_probes, num_iters, generator=gen(3))
+    split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold)
+    bulk_density = None
+    if split0.count:
+        deflate = _first(top, split0.count)
+        bulk_density = slq(H, num_probes, num_iters, deflate=deflate, generator=gen(4))
+    split = find_outliers(top.eigenvalues, threshold=outlier_threshold,
+                          bulk_upper_bound=bulk_density.bounds[1] if bulk_density else None)
+    tail = top.eigenvalues[split.count:]
+    power = fit_power_law(tail) if int((tail > 0).sum()) >= 3 else None
+    ggn_top = ggn_density = residual_density = None
+    overlap = None
+    if papyan:
+        G = GGNOperator(problem)
+        ggn_top = eigsh(G, k, which="LA", generator=gen(5), tol=1e-6)
+        ggn_density = slq(G, num_probes, num_iters, generator=gen(6))
+        residual_density = slq(ResidualOperator(problem), num_probes, num_iters, generator=gen(7))
+        r = max(split.count, 1)
+        overlap = subspace_overlap(_vectors(top, r), _vectors(ggn_top, r))
+    cls = None
+    overlaps: dict[str, float] = {}
+    explains: dict[str, int] = {}
+    if classes is None:
+        classes = num_classes is not None
+    if classes and num_classes:
+        r = max(split.count, 1)
+        cls = class_structure(problem, eigenvectors=_vectors(top, r), mode=class_mode, seed=seed)
+        for term in ("G1", "G12", "G0", "G2"):
+            overlaps[term] = cls.overlap_with(term, rank=r)
+            explains[term] = int((cls.spectrum(term) > split.bulk_edge).sum())
+    info = {
+        "num_params": P, "num_data": problem.num_data, "num_classes": num_classes,
+        "dtype": str(problem.dtype), "device": str(problem.device), "mode": problem.mode,
+        "reduction": problem.reduction, "seed": seed, "budget": budget, "k": k,
+        "num_probes": num_probes, "num_iters": num_iters,
+    }
+    return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
+                            None if ggn_top is None else _host(ggn_top), ggn_density,
+                            residual_density, overlap, cls, overlaps, explains)
+
+
+def _num_classes(problem: Problem) -> int | None:
+    batch = next(iter(problem.batches()))
+    if recognise_loss(problem.loss_fn, batch.target).name != "cross_entropy":
+        return None
+    if batch.target.ndim != 1:
+        return None
+    with torch.no_grad(), problem.model_context():
+        out = problem.forward(problem.parameters(), batch.inputs)
+    return int(out.shape[1]) if out.ndim == 2 else None
+
+
+def _vectors(result: EigenResult, r: int) -> Tensor:
+    assert result.eigenvectors is not None
+    return result.eigenvectors[:, :r]
+
+
+def _first(result: EigenResult, r: int) -> EigenResult:
+    assert result.eigenvectors is not None
+    return EigenResult(result.eigenvalues[:r], result.eigenvectors[:, :r],
+                       result.residual_norms[:r], result.converged[:r], result.method,
+                       result.which, result.tol, result.num_iters, result.cost)
+
+
+def _host(result: EigenResult) -> EigenResult:
+    vecs = None if result.eigenvectors is None else result.eigenvectors.detach().cpu()
+    return EigenResult(result.eigenvalues.detach().cpu(), vecs, result.residual_norms.detach().cpu(),
+                       result.converged.detach().cpu(), result.method, result.which, result.tol,
+                       result.num_iters, result.cost, result.error_estimate)

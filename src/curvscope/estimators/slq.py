@@ -55,6 +55,9 @@ class SpectralDensity:
         deflated: eigenvalues removed before the run (``[k]``; empty when none).
         reorth: Lanczos reorthogonalisation used.
         cost: products, data passes and wall time.
+        zero_tol: nodes within this distance of 0 count as zero, neither negative nor positive
+            (``1e3 eps ||A||`` in the operator's precision: a null space's Ritz values are
+            rounding noise of either sign).
     """
 
     nodes: Tensor
@@ -64,6 +67,10 @@ class SpectralDensity:
     deflated: Tensor
     reorth: str
     cost: Cost
+    zero_tol: float = 0.0
+
+    def _negative(self) -> Tensor:
+        return self.nodes < -self.zero_tol
 
     @property
     def num_probes(self) -> int:
@@ -117,8 +124,9 @@ class SpectralDensity:
             sigma: Gaussian width in the axis' units (default :meth:`default_sigma`).
             scale: ``"linear"`` (density of ``lambda``) or ``"log"`` (density of
                 ``log10(|lambda| + eps)``, Papyan 2020).
-            part: ``"both"``, ``"positive"`` or ``"negative"`` eigenvalues (the others get
-                weight zero; the densities of the parts add up to the whole).
+            part: ``"both"``, ``"positive"`` (non-negative: ``lambda >= -zero_tol``) or
+                ``"negative"`` (``lambda < -zero_tol``) eigenvalues; the others get weight zero,
+                and the two parts add up to the whole.
             eps: floor added to ``|lambda|`` on the log axis.
 
         Returns:
@@ -135,9 +143,9 @@ class SpectralDensity:
         x = self.nodes if scale == "linear" else torch.log10(self.nodes.abs() + eps)
         w = self.weights
         if part == "positive":
-            w = w * (self.nodes > 0)
+            w = w * ~self._negative()
         elif part == "negative":
-            w = w * (self.nodes < 0)
+            w = w * self._negative()
         z = (grid.view(1, 1, -1) - x.unsqueeze(-1)) / sigma
         per_probe = (w.unsqueeze(-1) * torch.exp(-0.5 * z**2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
         mean = per_probe.mean(0)
@@ -157,12 +165,12 @@ class SpectralDensity:
 
     def negative_fraction(self) -> tuple[float, float]:
         """Fraction of eigenvalues below zero, and its standard error over probes."""
-        per_probe = (self.weights * (self.nodes < 0)).sum(1)
+        per_probe = (self.weights * self._negative()).sum(1)
         return float(per_probe.mean()), float(_std_error(per_probe))
 
     def negative_mass(self) -> tuple[float, float]:
         """``sum_{lambda<0} |lambda| / sum |lambda|``: the share of spectral mass that is negative."""
-        neg = (self.weights * self.nodes.clamp(max=0).abs()).sum(1)
+        neg = (self.weights * self.nodes.abs() * self._negative()).sum(1)
         tot = (self.weights * self.nodes.abs()).sum(1).clamp_min(1e-300)
         per_probe = neg / tot
         return float(per_probe.mean()), float(_std_error(per_probe))
@@ -179,7 +187,8 @@ class SpectralDensity:
             "nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
             "dimension": self.dimension, "bounds": list(self.bounds),
             "deflated": self.deflated.tolist(), "reorth": self.reorth,
-            "num_probes": self.num_probes, "num_iters": self.num_iters, **self.cost.to_dict(),
+            "num_probes": self.num_probes, "num_iters": self.num_iters,
+            "zero_tol": self.zero_tol, **self.cost.to_dict(),
         }
 
 
@@ -268,7 +277,15 @@ def slq(
     theta, S = result.ritz()
     weights = S[:, 0, :] ** 2
     beta_m = result.beta[:, -1].to("cpu", torch.float64).abs()
-    lower = float((theta[:, 0] - beta_m * S[:, -1, 0].abs()).min())
-    upper = float((theta[:, -1] + beta_m * S[:, -1, -1].abs()).max())
+    eps = torch.finfo(A.dtype).eps
+    # Nodes with negligible weight are rounding artefacts (e.g. the null space of the deflated
+    # operator, or zero blocks after a breakdown without reorthogonalisation): they carry no
+    # mass and must not widen the bounds. Genuine extreme nodes weigh ~1/n.
+    support = weights > 1e-3 * math.sqrt(eps) / dimension
+    low = theta - beta_m.unsqueeze(1) * S[:, -1, :].abs()
+    high = theta + beta_m.unsqueeze(1) * S[:, -1, :].abs()
+    lower = float(low[support].min())
+    upper = float(high[support].max())
+    zero_tol = 1e3 * eps * max(abs(lower), abs(upper))
     return SpectralDensity(theta, weights, dimension, (lower, upper), deflated, reorth,
-                           result.cost)
+                           result.cost, zero_tol)

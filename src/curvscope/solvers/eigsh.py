@@ -176,8 +176,9 @@ def eigsh(
     X = _orthonormalize(X, Q, generator)
     anorm = torch.zeros((), dtype=torch.float64)
     restarts = 0
+    check_early = v0 is not None  # a warm start may already hold the answer: check after 1 block
     while True:
-        while Q.shape[1] < m and X.shape[1] > 0:
+        while Q.shape[1] < m and X.shape[1] > 0 and not (check_early and Q.shape[1] >= k):
             # whole blocks only (the basis may pass m by less than b): a truncated block would
             # lose part of the Krylov continuation that a thick restart relies on
             X = X[:, : n - Q.shape[1]]
@@ -195,6 +196,9 @@ def eigsh(
         floor = torch.finfo(dtype).eps * float(anorm)
         converged = res <= tol * torch.clamp(theta_w.abs(), min=floor)
         done = bool(converged.all()) or Q.shape[1] >= n
+        if check_early and not done:
+            check_early = False  # not yet: expand the basis as usual, no restart
+            continue
         if done or restarts >= max_iters:
             break
         restarts += 1

@@ -132,6 +132,17 @@ def sketch_eigh(
                        counted.cost(), error)
 
 
+def _indefinite_nystrom(Y: Tensor, core: Tensor) -> tuple[Tensor, Tensor]:
+    """``Y core^+ Y^T`` for a symmetric, possibly indefinite core: eigenpairs by magnitude."""
+    lam_c, W = torch.linalg.eigh((core + core.T) / 2)
+    keep = lam_c.abs() > lam_c.abs().max() * torch.finfo(core.dtype).eps * core.shape[0]
+    Q, R = torch.linalg.qr(Y @ W[:, keep])
+    M = R @ torch.diag(1.0 / lam_c[keep]) @ R.T
+    theta, S = torch.linalg.eigh((M + M.T) / 2)
+    order = torch.argsort(theta.abs(), descending=True)
+    return Q @ S[:, order], theta[order]
+
+
 def nystrom_eigh(
     A: object,
     k: int,
@@ -172,10 +183,19 @@ def nystrom_eigh(
     nu = torch.finfo(dtype).eps * float(Y.norm())
     Y_nu = Y + nu * Omega
     core = Omega.T @ Y_nu
-    C = torch.linalg.cholesky((core + core.T) / 2, upper=True)
-    B = torch.linalg.solve_triangular(C, Y_nu, upper=True, left=False)
-    U_all, sigma, _ = torch.linalg.svd(B, full_matrices=False)
-    lam = torch.clamp(sigma**2 - nu, min=0.0)
+    try:
+        C = torch.linalg.cholesky((core + core.T) / 2, upper=True)
+    except torch.linalg.LinAlgError as err:
+        if not allow_indefinite:
+            raise ValueError(
+                "nystrom_eigh: the sketch's core matrix Omega^T A Omega is not positive definite, "
+                "so the operator is not PSD in practice; use sketch_eigh or eigsh."
+            ) from err
+        U_all, lam = _indefinite_nystrom(Y, core)
+    else:
+        B = torch.linalg.solve_triangular(C, Y_nu, upper=True, left=False)
+        U_all, sigma, _ = torch.linalg.svd(B, full_matrices=False)
+        lam = torch.clamp(sigma**2 - nu, min=0.0)
     U, theta = U_all[:, :k], lam[:k]
     AU = _apply_blocked(counted, U, block_size)
     res = (AU - U * theta).norm(dim=0)

@@ -29,7 +29,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test,lint]"
+	$(PIP) install --quiet -e ".[plot,zoo,test,lint]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -21,13 +21,3 @@ def test_readme_commands_are_makefile_targets():
     for target in re.findall(r"^make (\w+)", text, flags=re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
     assert "make test" in (ROOT / ".ci" / "run").read_text()
-
-
-def test_cli_demo_runs(capsys):
-    from curvscope.cli import main
-
-    assert main(["demo", "--classes", "3", "-k", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "top-4 eigenvalues" in out
-    residuals = [float(r) for r in re.findall(r"residual \|Hv - lv\| = (\S+)", out)]
-    assert len(residuals) == 4 and max(residuals) < 1e-8

@@ -35,8 +35,9 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -115,7 +116,8 @@ class ClassStructure:
 
     def spectrum(self, term: str) -> Tensor:
         """Non-negative eigenvalues of ``term`` (``G0``, ``G1``, ``G2``, ``G12`` or ``class``),
-        descending."""
+        descending.
+        """
         vals = torch.linalg.eigvalsh(_sym(self.term_gram(term)))
         return vals.flip(0).clamp_min(0.0)
 
@@ -160,7 +162,8 @@ class ClassStructure:
 
     def embedding(self, which: str = "class_means", dims: int = 2) -> Tensor:
         """PCA coordinates ``[m, dims]`` of the class means (``"class_means"``, ``m = C``) or of all
-        class-pair means (``"pairs"``, ``m = C^2``), exactly from their Gram matrix (centred)."""
+        class-pair means (``"pairs"``, ``m = C^2``), exactly from their Gram matrix (centred).
+        """
         G = self.means_gram() if which == "class_means" else self.gram
         if which not in ("class_means", "pairs"):
             raise ValueError(f"which must be 'class_means' or 'pairs', got {which!r}.")
@@ -253,7 +256,9 @@ def class_structure(
     with problem.model_context(), torch.enable_grad():
         for batch in problem.batches():
             y = batch.target
-            z, vjp_fn = vjp(lambda p, b=batch: problem.forward({**frozen, **p}, b.inputs), params)
+            z, vjp_fn = cast(tuple[Tensor, Callable[..., Any]],
+                             vjp(lambda p, b=batch: problem.forward({**frozen, **p}, b.inputs),
+                                 params))
             prob = torch.softmax(z.detach(), dim=1)
             for start in range(0, C * C, chunk):
                 pairs = torch.arange(start, min(start + chunk, C * C), device=z.device)
@@ -279,7 +284,8 @@ def class_structure(
 
 def _cotangents(prob: Tensor, y: Tensor, pairs: Tensor, C: int, counts: Tensor) -> Tensor:
     """``[len(pairs), n, C]``: row ``i`` of pair ``(c, c')`` is
-    ``[y_i = c] / N_c * sqrt(p_ic') (e_c' - p_i)``."""
+    ``[y_i = c] / N_c * sqrt(p_ic') (e_c' - p_i)``.
+    """
     c, c2 = pairs // C, pairs % C
     onehot = torch.nn.functional.one_hot(c2, C).to(prob.dtype)  # [k, C]
     member = (y.unsqueeze(0) == c.unsqueeze(1)).to(prob.dtype) / counts[c].unsqueeze(1)  # [k, n]

@@ -1,10 +1,11 @@
 """Outliers vs bulk, subspace overlaps, and the bulk's tail exponent.
 
 The outlier rule (eigengap): for the top eigenvalues ``l_1 >= ... >= l_K`` (positive ones), the
-outliers are ``l_1 .. l_j`` for the **largest** ``j`` whose gap ratio ``l_j / l_{j+1}`` is at least
-``threshold`` (default 1.5): the last clear gap before the dense bulk. With no such gap there are
-no outliers. The bulk edge is ``l_{j+1}``; when a deflated SLQ density is given, its upper
-spectral bound is reported beside it as an independent estimate.
+outliers are ``l_1 .. l_j`` for the ``j`` with the **largest** gap ratio ``l_j / l_{j+1}``,
+provided it is at least ``threshold`` (default 1.5). With no such gap there are no outliers. Other
+gaps above the threshold are listed too: Papyan's hierarchy puts a second, smaller gap after the
+``C (C - 1)`` cross-class "mini-bulk". The bulk edge is ``l_{j+1}``; when a deflated SLQ density is given, its upper
+spectral bound is reported beside it as a consistency check (it should equal ``l_{j+1}``).
 
 Overlaps follow Fernandez et al. 2025: for orthonormal ``U [D, k]``, ``V [D, r]``,
 ``ov = ||U^T V||_F^2 / min(k, r)`` (1 for nested subspaces, ``max(k, r)/D`` by chance); for a mask
@@ -32,11 +33,18 @@ class OutlierSplit:
     threshold: float
     bulk_edge: float
     bulk_edge_slq: float | None
-    rule: str = "largest j with l_j / l_(j+1) >= threshold among the top eigenvalues"
+    rule: str = "j with the largest gap ratio l_j / l_(j+1) >= threshold among the top eigenvalues"
+    other_gaps: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        gaps = tuple((int(j), float(r)) for j, r in self.other_gaps)
+        object.__setattr__(self, "other_gaps", gaps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON."""
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["other_gaps"] = [list(g) for g in self.other_gaps]
+        return out
 
 
 def find_outliers(eigenvalues: Tensor, *, threshold: float = DEFAULT_THRESHOLD,
@@ -50,11 +58,13 @@ def find_outliers(eigenvalues: Tensor, *, threshold: float = DEFAULT_THRESHOLD,
         edge = float(lam[-1]) if lam.numel() else 0.0
         return OutlierSplit(0, 1.0, threshold, edge, bulk_upper_bound)
     ratios = lam[:-1] / lam[1:]
-    above = (ratios >= threshold).nonzero().squeeze(1)
-    if above.numel() == 0:
+    j = int(torch.argmax(ratios))
+    if float(ratios[j]) < threshold:
         return OutlierSplit(0, float(ratios.max()), threshold, float(lam[0]), bulk_upper_bound)
-    j = int(above.max())
-    return OutlierSplit(j + 1, float(ratios[j]), threshold, float(lam[j + 1]), bulk_upper_bound)
+    others = tuple((int(i) + 1, float(ratios[i])) for i in (ratios >= threshold).nonzero()
+                   .squeeze(1).tolist() if i != j)
+    return OutlierSplit(j + 1, float(ratios[j]), threshold, float(lam[j + 1]), bulk_upper_bound,
+                        other_gaps=others)
 
 
 def subspace_overlap(U: Tensor, V: Tensor) -> float:

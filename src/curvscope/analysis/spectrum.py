@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,8 @@ from curvscope.curvature._losses import recognise_loss
 from curvscope.curvature._operators import GGNOperator, HessianOperator, ResidualOperator
 from curvscope.curvature._problem import Problem
 from curvscope.estimators.slq import SpectralDensity, slq
-from curvscope.solvers._results import EigenResult
+from curvscope.estimators.stats import student_t_quantile
+from curvscope.solvers._results import ConvergenceWarning, EigenResult
 from curvscope.solvers.eigsh import eigsh
 
 logger = logging.getLogger(__name__)
@@ -76,34 +79,54 @@ class SpectrumAnalysis:
         C = self.info.get("num_classes")
         n_out = self.outliers.count
         cls = f" for {C} classes" if C else ""
-        out.append(f"{n_out} outlier{'s' if n_out != 1 else ''}{cls}: the top eigenvalues stand out "
-                   f"of the bulk (largest gap ratio {self.outliers.gap_ratio:.2f} >= "
-                   f"{self.outliers.threshold}; bulk edge {self.outliers.bulk_edge:.3g}).")
-        if self.overlap_hessian_ggn is not None:
+        if n_out:
+            out.append(f"{n_out} outlier{'s' if n_out != 1 else ''}{cls}: the top {n_out} "
+                       f"eigenvalue{'s stand' if n_out != 1 else ' stands'} out of the bulk (gap "
+                       f"ratio {self.outliers.gap_ratio:.2f} >= {self.outliers.threshold} at the "
+                       f"split; bulk edge {self.outliers.bulk_edge:.3g}).")
+        else:
+            out.append(f"No outliers{cls}: no gap ratio among the top eigenvalues reaches "
+                       f"{self.outliers.threshold} (largest {self.outliers.gap_ratio:.2f}).")
+        if self.overlap_hessian_ggn is not None and n_out:
             carrier = "G (the Gauss-Newton part)" if self.overlap_hessian_ggn >= 0.5 else \
                 "not G alone"
-            out.append(f"Outliers carried by {carrier}: overlap of the top-{max(n_out, 1)} "
+            out.append(f"Outliers carried by {carrier}: overlap of the top-{n_out} "
                        f"eigenspaces of H and G {self.overlap_hessian_ggn:.2f}.")
         if self.residual_density is not None and self.ggn_density is not None:
             out.append("Bulk from the residual H - G: its spectrum is "
                        f"[{self.residual_density.bounds[0]:.3g}, "
                        f"{self.residual_density.bounds[1]:.3g}], G's is "
                        f"[{self.ggn_density.bounds[0]:.3g}, {self.ggn_density.bounds[1]:.3g}].")
-        frac, _ = self.density.negative_fraction()
+        res = self.density.resolution()
+        neg, _ = self.density.negative_fraction(threshold=res)
+        near, _ = self.density.near_zero_fraction(res)
         mass, _ = self.density.negative_mass()
-        out.append(f"{frac:.0%} negative eigenvalues, {mass:.0%} of the spectral mass "
-                   f"(smallest eigenvalue {float(self.bottom.eigenvalues.min()):.3g}).")
-        tr, se = self.trace()
-        out.append(f"Trace {tr:.4g} +- {se:.2g}; spectrum within [{self.density.bounds[0]:.3g}, "
-                   f"{self.density.bounds[1]:.3g}].")
-        if self.classes is not None:
-            g1 = self.class_outliers.get("G1", 0)
-            g12 = self.class_outliers.get("G12", 0)
-            out.append(f"Class structure ({self.classes.mode}): the class means (G1) have "
-                       f"{g1} eigenvalues above the bulk edge, the class/cross-class means "
-                       f"(G1+2) {g12}; overlap of G1+2's top space with the outlier space "
-                       f"{self.class_overlaps.get('G12', float('nan')):.2f}.")
+        out.append(f"{neg:.0%} of eigenvalues clearly negative (below -{res:.2g}, the density's "
+                   f"resolution), {near:.0%} within +-{res:.2g} of zero; negative eigenvalues "
+                   f"carry {mass:.0%} of the spectral mass (smallest eigenvalue "
+                   f"{float(self.bottom.eigenvalues.min()):.3g}).")
+        tr, half = self.trace_interval()
+        out.append(f"Trace {tr:.4g} +- {half:.2g} (95% interval over "
+                   f"{self.density.num_probes} probes); spectrum within "
+                   f"[{self.density.bounds[0]:.3g}, {self.density.bounds[1]:.3g}].")
+        if self.classes is not None and n_out:
+            top = self.top.eigenvalues[:n_out].to(torch.float64)
+            parts = []
+            for term, label in (("G12", "class/cross-class means (G1+2)"),
+                                ("G1", "class means (G1)")):
+                spec = self.classes.spectrum(term)[:n_out]
+                share = float(spec.sum() / top.sum())
+                parts.append(f"the {label} give {self.class_outliers.get(term, 0)} eigenvalues "
+                             f"above the bulk edge, {share:.0%} of the outliers' magnitude, "
+                             f"overlap {self.class_overlaps.get(term, float('nan')):.2f} with "
+                             "their eigenspace")
+            out.append(f"Class structure of G ({self.classes.mode}): " + "; ".join(parts) + ".")
         return out
+
+    def trace_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """``tr H`` and the half-width of its ``level`` interval (Student t over the probes)."""
+        tr, se = self.trace()
+        return tr, student_t_quantile(level, self.density.num_probes - 1) * se
 
 
 def analyze(
@@ -116,6 +139,8 @@ def analyze(
     papyan: bool = True,
     classes: bool | None = None,
     class_mode: str = "auto",
+    on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+    bottom_k: int = 5,
 ) -> SpectrumAnalysis:
     """Run the full spectrum analysis of a Problem's Hessian (see the module docstring).
 
@@ -128,6 +153,9 @@ def analyze(
         papyan: also analyse ``G`` and ``H - G``.
         classes: class structure of ``G`` (default: when the loss is cross-entropy).
         class_mode: ``"auto"``, ``"exact"`` or ``"sketch"`` (see :func:`class_structure`).
+        on_stage: called as ``on_stage(name, results_so_far)`` after each stage (the CLI saves
+            them, so an interrupted run keeps what it computed).
+        bottom_k: smallest eigenpairs to compute (to ``1e-3 ||H||`` absolute residual).
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
@@ -141,10 +169,28 @@ def analyze(
     def gen(offset: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed + offset)
 
+    done: dict[str, Any] = {}
+    notes: list[str] = []
+
+    def emit(name: str, value: Any) -> None:
+        done[name] = value.to_dict() if hasattr(value, "to_dict") else value
+        if on_stage is not None:
+            on_stage(name, done)
+
     H = HessianOperator(problem)
     top = eigsh(H, k, which="LA", generator=gen(1), tol=1e-6)
-    bottom = eigsh(H, min(5, P), which="SA", generator=gen(2), tol=1e-6)
+    emit("top", top)
+    # eigenvalues near zero cannot meet a relative tolerance: accept 1e-3 ||H|| absolute, and
+    # a bounded effort (the mask in the result says which pairs converged)
+    atol = 1e-3 * float(top.eigenvalues.abs().max())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        bottom = eigsh(H, min(bottom_k, P), which="SA", generator=gen(2), tol=1e-6, atol=atol,
+                       max_iters=40)
+    notes += [str(w.message) for w in caught]
+    emit("bottom", bottom)
     density = slq(H, num_probes, num_iters, generator=gen(3))
+    emit("density", density)
     split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold)
     bulk_density = None
     if split0.count:
@@ -163,6 +209,7 @@ def analyze(
         residual_density = slq(ResidualOperator(problem), num_probes, num_iters, generator=gen(7))
         r = max(split.count, 1)
         overlap = subspace_overlap(_vectors(top, r), _vectors(ggn_top, r))
+        emit("papyan", {"ggn_top": ggn_top.to_dict(), "overlap_hessian_ggn": overlap})
     cls = None
     overlaps: dict[str, float] = {}
     explains: dict[str, int] = {}
@@ -174,11 +221,12 @@ def analyze(
         for term in ("G1", "G12", "G0", "G2"):
             overlaps[term] = cls.overlap_with(term, rank=r)
             explains[term] = int((cls.spectrum(term) > split.bulk_edge).sum())
+        emit("classes", cls)
     info = {
         "num_params": P, "num_data": problem.num_data, "num_classes": num_classes,
         "dtype": str(problem.dtype), "device": str(problem.device), "mode": problem.mode,
         "reduction": problem.reduction, "seed": seed, "budget": budget, "k": k,
-        "num_probes": num_probes, "num_iters": num_iters,
+        "num_probes": num_probes, "num_iters": num_iters, "notes": notes,
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
                             None if ggn_top is None else _host(ggn_top), ggn_density,

@@ -1,60 +1,333 @@
 """The ``curvscope`` command line: a thin shell over the public API (no numerics here).
 
-Exit codes: 0 success; 1 an analysis failed; 2 bad usage or bad input.
+Commands:
+    demo      train the embedded Gaussian-mixture classifier, analyse it, write the bundle
+    run       analyse your model: a Python file defining model(), loss() and data() factories
+    report    redraw the plots and the HTML page of a saved bundle (no model needed)
+    compare   put two bundles side by side
+
+Exit codes: 0 success; 1 the analysis failed or did not converge (with --strict); 2 bad usage or
+bad input (missing file, a factory that raises, a wrong loss); 130 interrupted. Whatever was
+computed before a failure stays in ``OUT/partial.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import runpy
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+RUN_CONTRACT = """\
+A run file is a Python file that defines these functions (factories, called once each):
+    model() -> torch.nn.Module          the trained model to analyse
+    loss() -> callable                  e.g. torch.nn.CrossEntropyLoss()
+    data() -> DataLoader | list         batches (inputs, target) or dicts with "labels"
+and optionally:
+    test_data() -> DataLoader | list    held-out data: the report adds the test Hessian
+    problem_options() -> dict           extra curvscope.Problem options (batch_fn, mode, ...)
+    checkpoints() -> list[(step, state_dict)]   spectra along training
+See examples/small_cnn.py."""
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line with exit code 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curvscope", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="curvscope", description="Curvature of deep-network losses: spectra, outliers, "
+        "Papyan's decomposition, reports.",
+        epilog="Exit codes: 0 ok, 1 analysis failed (or not converged with --strict), 2 bad "
+        "input, 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="top Hessian eigenvalues of the embedded Gaussian-mixture "
-                                       "classifier (no downloads)")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", type=Path, default=None, help="output folder for the bundle")
+        p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+        p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                       help="convert the model and data to this dtype")
+        p.add_argument("--budget", choices=["small", "default", "large"], default="default",
+                       help="SLQ probes x Lanczos steps: small 4x40, default 10x80, large 20x150")
+        p.add_argument("-k", type=int, default=None, help="top eigenpairs (default 2C + 10)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--strict", action="store_true",
+                       help="exit 1 when an eigensolver did not converge")
+
+    demo = sub.add_parser("demo", help="analyse the embedded Gaussian-mixture classifier")
     demo.add_argument("--classes", type=int, default=10, help="number of classes C (default 10)")
-    demo.add_argument("-k", type=int, default=12, help="number of top eigenvalues (default 12)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data, model and solver")
+    common(demo)
+    run = sub.add_parser("run", help="analyse your model from a Python file of factories",
+                         description=RUN_CONTRACT,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("file", type=Path, help="Python file defining model(), loss(), data()")
+    common(run)
+    rep = sub.add_parser("report", help="redraw plots and HTML of a saved bundle")
+    rep.add_argument("bundle", type=Path)
+    rep.add_argument("--out", type=Path, default=None, help="default: the bundle folder")
+    cmp_ = sub.add_parser("compare", help="two bundles side by side")
+    cmp_.add_argument("a", type=Path)
+    cmp_.add_argument("b", type=Path)
+    cmp_.add_argument("--out", type=Path, default=None, help="write compare.json / .html here")
     return parser
 
 
-def _demo(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------- helpers
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+class _Stages:
+    """A progress bar over the analysis stages that also saves ``partial.json`` after each."""
+
+    NAMES = ("top", "bottom", "density", "papyan", "classes", "sweeps", "test", "bundle")
+
+    def __init__(self, out: Path, show: bool) -> None:
+        self.out, self.bar = out, None
+        self.partial: dict[str, Any] = {}
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(self.NAMES), desc="curvscope", unit="stage")
+
+    def __call__(self, name: str, done: dict[str, Any]) -> None:
+        self.partial.update(done)
+        _write_json_atomic(self.out / "partial.json", {"stages_done": list(self.partial),
+                                                       **self.partial})
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _dtype(name: str | None) -> Any:
     import torch
 
+    return None if name is None else getattr(torch, name)
+
+
+def _prepare_model(model: Any, args: argparse.Namespace) -> Any:
+    import torch
+
+    dtype = _dtype(args.dtype)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {args.device!r} is not a device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for CUDA, but torch sees no GPU; use "
+                         "--device cpu.")
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _analyse(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, out: Path,
+             *, test_data: Any = None, checkpoints: Any = None, options: dict | None = None,
+             name: str = "model") -> int:
+    """The shared tail of ``demo`` and ``run``: Problem, analysis, sweeps, bundle, summary."""
     import curvscope as cs
-    from curvscope.solvers import eigsh
+    from curvscope.analysis.outliers import mask_overlap, top_magnitude_mask
+    from curvscope.analysis.spectrum import analyze
+    from curvscope.analysis.sweeps import checkpoint_sweep
+    from curvscope.report import provenance, save_bundle
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    model = _prepare_model(model, args)
+    opts = {"move_batches": True, **(options or {})}
+    try:
+        problem = cs.Problem(model, loss_fn, data, **opts)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    stages = _Stages(out, show=not args.no_progress)
+    try:
+        analysis = analyze(problem, k=args.k, budget=args.budget, seed=args.seed,
+                           on_stage=stages)
+        extras: dict[str, Any] = {}
+        k_sweep = min(analysis.info["k"], 20)
+        if checkpoints:
+            extras["checkpoints"] = checkpoint_sweep(model, checkpoints, loss_fn, data, k=k_sweep,
+                                                     seed=args.seed, **opts)
+        if analysis.top.eigenvectors is not None:
+            theta = problem.param_space.join(problem.parameters()).cpu()
+            r = max(analysis.outliers.count, 1)
+            ov, chance = mask_overlap(analysis.top.eigenvectors[:, :r],
+                                      top_magnitude_mask(theta, r))
+            extras["mask_overlap"] = {"kind": "mask_overlap", "k": r, "overlap": ov,
+                                      "chance": chance,
+                                      "mask": f"top-{r} parameters by magnitude"}
+        stages("sweeps", {"extras": list(extras)})
+        if test_data is not None:
+            test_problem = cs.Problem(model, loss_fn, test_data, **opts)
+            test = analyze(test_problem, k=min(analysis.info["k"], 20), budget="small",
+                           seed=args.seed, papyan=False, classes=False, bottom_k=1)
+            extras["test"] = {"kind": "train_vs_test",
+                              "train_top": analysis.top.eigenvalues[:k_sweep].tolist(),
+                              "test_top": test.top.eigenvalues[:k_sweep].tolist(),
+                              "train_trace": analysis.trace()[0], "test_trace": test.trace()[0],
+                              "test_outliers": test.outliers.count,
+                              "test_summary": test.summary()}
+        stages("test", {"test": "test" in extras})
+        prov = provenance({"name": name, "command": " ".join(sys.argv[1:]) or args.command,
+                           "seed": args.seed, "budget": args.budget,
+                           "wall_time_total": time.perf_counter() - t0})
+        paths = save_bundle(analysis, out, provenance=prov, extras=extras)
+        stages("bundle", {"bundle": {k: str(v) for k, v in paths.items()}})
+    finally:
+        stages.close()
+    print(f"\n{name}: P = {problem.num_params:,} parameters, N = {problem.num_data:,} examples, "
+          f"{problem.dtype}, {time.perf_counter() - t0:.1f} s")
+    for sentence in analysis.summary():
+        print(f"  - {sentence}")
+    print(f"bundle: {out}/ (open {paths.get('html', out / 'report.html')})")
+    converged = analysis.top.all_converged and analysis.bottom.all_converged
+    return EXIT_FAILED if (args.strict and not converged) else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- commands
+def _demo(args: argparse.Namespace) -> int:
     from curvscope.zoo import gaussian_mixture
 
+    if args.classes < 2:
+        raise UsageError(f"--classes must be at least 2, got {args.classes}.")
     t0 = time.perf_counter()
     zoo = gaussian_mixture(args.classes, seed=args.seed)
     print(f"{zoo.name}: trained to loss {zoo.train_loss:.3g}, accuracy {zoo.train_accuracy:.0%} "
           f"({time.perf_counter() - t0:.1f} s)")
-    problem = cs.Problem(zoo.model, zoo.loss_fn, zoo.batches)
-    H = cs.HessianOperator(problem)
-    print(f"Hessian operator: P = {problem.num_params:,} parameters, N = {problem.num_data:,} "
-          f"examples, {problem.dtype}")
-    result = eigsh(H, args.k, which="LA", generator=torch.Generator().manual_seed(args.seed))
-    print(f"top-{args.k} eigenvalues (thick-restart block Lanczos, {result.cost.num_matvecs} "
-          f"Hessian-vector products in {result.cost.num_data_passes} data passes, "
-          f"{result.cost.wall_time:.1f} s):")
-    for i, (lam, res) in enumerate(zip(result.eigenvalues.tolist(),
-                                       result.residual_norms.tolist()), 1):
-        print(f"  {i:3d}  {lam: .6e}   residual |Hv - lv| = {res:.1e}")
-    return EXIT_OK if result.all_converged else EXIT_FAILED
+    out = args.out or Path("curvscope-out") / "demo"
+    return _analyse(zoo.model, zoo.loss_fn, zoo.batches, args, out,
+                    test_data=getattr(zoo, "test_batches", None),
+                    checkpoints=getattr(zoo, "checkpoints", None), name=zoo.name)
+
+
+def _load_factories(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"run file {str(path)!r} not found; expected a Python file defining "
+                         "model(), loss() and data().")
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as err:  # noqa: BLE001 - any error in user code is bad input
+        raise UsageError(f"{path} failed to load: {type(err).__name__}: {err}") from err
+    missing = [f for f in ("model", "loss", "data") if not callable(namespace.get(f))]
+    if missing:
+        raise UsageError(f"{path} must define {', '.join(f'{m}()' for m in missing)}; "
+                         "see `curvscope run --help`.")
+    return namespace
+
+
+def _call(namespace: dict[str, Any], name: str, path: Path) -> Any:
+    if not callable(namespace.get(name)):
+        return None
+    try:
+        return namespace[name]()
+    except Exception as err:  # noqa: BLE001 - any error in user code is bad input
+        raise UsageError(f"{path}: {name}() raised {type(err).__name__}: {err}") from err
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    ns = _load_factories(args.file)
+    model = _call(ns, "model", args.file)
+    loss_fn = _call(ns, "loss", args.file)
+    data = _call(ns, "data", args.file)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{args.file}: model() must return a torch.nn.Module, got "
+                         f"{type(model).__name__}.")
+    if not callable(loss_fn):
+        raise UsageError(f"{args.file}: loss() must return a callable loss (e.g. "
+                         f"torch.nn.CrossEntropyLoss()), got {type(loss_fn).__name__}.")
+    out = args.out or Path("curvscope-out") / args.file.stem
+    return _analyse(model, loss_fn, data, args, out, test_data=_call(ns, "test_data", args.file),
+                    checkpoints=_call(ns, "checkpoints", args.file),
+                    options=_call(ns, "problem_options", args.file), name=args.file.stem)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from curvscope.report import load_bundle, save_bundle
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    out = args.out or args.bundle
+    paths = save_bundle(bundle.analysis, out, provenance=bundle.provenance, extras=bundle.extras)
+    print(f"redrew {len(paths)} files in {out}/")
+    return EXIT_OK
+
+
+def _key_numbers(bundle: Any) -> dict[str, Any]:
+    a = bundle.analysis
+    tr, se = a.trace()
+    return {
+        "parameters": a.info["num_params"], "examples": a.info["num_data"],
+        "classes": a.info.get("num_classes"), "outliers": a.outliers.count,
+        "top eigenvalue": float(a.top.eigenvalues[0]), "bulk edge": a.outliers.bulk_edge,
+        "trace": f"{tr:.4g} +- {se:.2g}",
+        "negative fraction": round(a.density.negative_fraction()[0], 4),
+        "overlap H/G": a.overlap_hessian_ggn,
+        "products": a.top.cost.num_matvecs + a.density.cost.num_matvecs,
+    }
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from curvscope.report import load_bundle
+
+    try:
+        a, b = load_bundle(args.a), load_bundle(args.b)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    ka, kb = _key_numbers(a), _key_numbers(b)
+    width = max(len(k) for k in ka)
+    print(f"{'':{width}}  {str(args.a):>24}  {str(args.b):>24}")
+    for key in ka:
+        print(f"{key:{width}}  {str(ka[key]):>24}  {str(kb[key]):>24}")
+    if args.out is not None:
+        _write_json_atomic(args.out / "compare.json", {"a": str(args.a), "b": str(args.b),
+                                                       "rows": {k: [ka[k], kb[k]] for k in ka}})
+        rows = "".join(f"<tr><th>{k}</th><td>{ka[k]}</td><td>{kb[k]}</td></tr>" for k in ka)
+        html = (f"<!doctype html><meta charset='utf-8'><title>curvscope compare</title>"
+                f"<table border=1><tr><th></th><th>{args.a}</th><th>{args.b}</th></tr>{rows}"
+                "</table>")
+        (args.out / "compare.html").write_text(html)
+    return EXIT_OK
+
+
+COMMANDS = {"demo": _demo, "run": _run, "report": _report, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"curvscope {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"curvscope {args.command}: interrupted; partial results are in the output "
+              "folder's partial.json", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback from deep inside torch
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"curvscope {args.command}: failed: {type(err).__name__}: {first} (partial results "
+              "are kept in the output folder's partial.json)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,7 +90,12 @@ class SpectralDensity:
         h = 2.0 / max(self.num_iters - 1, 1)
         return max(d * h / math.sqrt(8 * math.log(kappa)), 1e-300)
 
-    def _axis_range(self, scale: str, eps: float = 1e-5) -> tuple[float, float]:
+    def log_floor(self) -> float:
+        """Floor added to ``|lambda|`` on the log axis: ``1e-6`` of the spectral radius."""
+        return 1e-6 * max(abs(self.bounds[0]), abs(self.bounds[1]), 1e-300)
+
+    def _axis_range(self, scale: str, eps: float | None = None) -> tuple[float, float]:
+        eps = self.log_floor() if eps is None else eps
         lo, hi = self.bounds
         if scale == "linear":
             width = hi - lo if hi > lo else max(abs(hi), 1.0)
@@ -114,7 +119,7 @@ class SpectralDensity:
         sigma: float | None = None,
         scale: str = "linear",
         part: str = "both",
-        eps: float = 1e-5,
+        eps: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The broadened density on a grid, with its standard error across probes.
 
@@ -127,7 +132,7 @@ class SpectralDensity:
             part: ``"both"``, ``"positive"`` (non-negative: ``lambda >= -zero_tol``) or
                 ``"negative"`` (``lambda < -zero_tol``) eigenvalues; the others get weight zero,
                 and the two parts add up to the whole.
-            eps: floor added to ``|lambda|`` on the log axis.
+            eps: floor added to ``|lambda|`` on the log axis (default :meth:`log_floor`).
 
         Returns:
             ``(grid, density, std_error)``; ``density`` integrates to the probability mass of
@@ -140,6 +145,7 @@ class SpectralDensity:
         sigma = self.default_sigma(scale) if sigma is None else float(sigma)
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}.")
+        eps = self.log_floor() if eps is None else eps
         x = self.nodes if scale == "linear" else torch.log10(self.nodes.abs() + eps)
         w = self.weights
         if part == "positive":
@@ -163,10 +169,27 @@ class SpectralDensity:
         per_probe = (self.weights * self.nodes**j).sum(1)
         return float(per_probe.mean()), float(_std_error(per_probe))
 
-    def negative_fraction(self) -> tuple[float, float]:
-        """Fraction of eigenvalues below zero, and its standard error over probes."""
-        per_probe = (self.weights * self._negative()).sum(1)
+    def negative_fraction(self, threshold: float | None = None) -> tuple[float, float]:
+        """Fraction of eigenvalues below ``-threshold`` (default ``zero_tol``), with its
+        standard error over probes.
+
+        SLQ represents a cluster of eigenvalues at zero by nodes near zero, on either side; use
+        ``threshold=resolution()`` to count only eigenvalues clearly below zero, and
+        :meth:`near_zero_fraction` for the rest.
+        """
+        t = self.zero_tol if threshold is None else float(threshold)
+        per_probe = (self.weights * (self.nodes < -t)).sum(1)
         return float(per_probe.mean()), float(_std_error(per_probe))
+
+    def near_zero_fraction(self, threshold: float | None = None) -> tuple[float, float]:
+        """Fraction of eigenvalues within ``+-threshold`` of zero (default: :meth:`resolution`)."""
+        t = self.resolution() if threshold is None else float(threshold)
+        per_probe = (self.weights * (self.nodes.abs() <= t)).sum(1)
+        return float(per_probe.mean()), float(_std_error(per_probe))
+
+    def resolution(self) -> float:
+        """The scale below which the quadrature cannot resolve eigenvalues: the default width."""
+        return self.default_sigma("linear")
 
     def negative_mass(self) -> tuple[float, float]:
         """``sum_{lambda<0} |lambda| / sum |lambda|``: the share of spectral mass that is negative."""

@@ -8,7 +8,9 @@ block ``[n, b]`` — a single pass over the data for a curvature operator. At a 
 ``num_keep`` best Ritz vectors replace the basis (their images are recombined, not recomputed)
 and the expansion continues from the last Krylov block, which is orthogonal to all of them.
 
-A pair is converged when ``||A v - l v|| <= tol * max(|l|, eps * ||A||_est)``.
+A pair is converged when ``||A v - l v|| <= max(tol * max(|l|, sqrt(eps) ||A||_est), atol)``:
+relative to the eigenvalue, except for eigenvalues indistinguishable from zero at the working
+precision, which are measured against the spectral norm.
 
 :func:`power_iteration` (deflated, PyHessian's method) and :func:`subspace_iteration`
 (randomised block power with Rayleigh-Ritz, Halko-Martinsson-Tropp) are there for comparison.
@@ -34,6 +36,8 @@ from curvscope.solvers._results import ConvergenceWarning, EigenResult
 from curvscope.solvers.lanczos import check_symmetric
 
 WHICH = ("LA", "SA", "LM", "BE")
+#: Operators up to this size get a full basis by default (exact after one cycle).
+SMALL_N = 400
 
 
 class ConvergenceError(RuntimeError):
@@ -112,6 +116,7 @@ def eigsh(
     *,
     which: str = "LA",
     tol: float | None = None,
+    atol: float = 0.0,
     max_iters: int = 200,
     block_size: int | None = None,
     num_vectors: int | None = None,
@@ -128,6 +133,9 @@ def eigsh(
             ``"BE"`` both ends (``ceil(k/2)`` from the top, the rest from the bottom).
         tol: relative residual tolerance (default ``sqrt(eps)`` of the dtype: ``1.5e-8`` in
             float64, ``3.5e-4`` in float32).
+        atol: absolute residual tolerance: a pair also converges when ``||A v - l v|| <= atol``
+            (use ``atol = 1e-4 * ||A||`` for eigenvalues near zero, where a relative tolerance
+            asks for more than the spectrum's scale can give).
         max_iters: maximum number of restarts.
         block_size: ``b``, columns per product (default ``min(k, 8)``); larger blocks make fewer,
             wider products, which is faster on a GPU.
@@ -157,6 +165,8 @@ def eigsh(
     if not isinstance(b, int) or not 1 <= b <= n:
         raise ValueError(f"block_size must be an int in [1, n={n}], got {block_size!r}.")
     m = max(2 * k + 2 * b, 20) if num_vectors is None else num_vectors
+    if num_vectors is None and n <= SMALL_N:
+        m = n  # small problems: one full Krylov space, exact in one cycle
     m = min(m, n)
     if m < min(k + b, n):
         raise ValueError(f"num_vectors must be at least k + block_size = {k + b}, got {m}.")
@@ -193,8 +203,8 @@ def eigsh(
         Y, AY = Q @ S_w, AQ @ S_w
         theta_w = theta[want].to(dtype=dtype, device=device)
         res = (AY - Y * theta_w).norm(dim=0)
-        floor = torch.finfo(dtype).eps * float(anorm)
-        converged = res <= tol * torch.clamp(theta_w.abs(), min=floor)
+        floor = math.sqrt(torch.finfo(dtype).eps) * float(anorm)  # |l| below this counts as 0
+        converged = res <= torch.clamp(tol * torch.clamp(theta_w.abs(), min=floor), min=atol)
         done = bool(converged.all()) or Q.shape[1] >= n
         if check_early and not done:
             check_early = False  # not yet: expand the basis as usual, no restart

@@ -1,0 +1,89 @@
+"""Spectra across sample sizes and training checkpoints (Papyan's scaling plots).
+
+Papyan (2020) shows the outliers' positions follow the class structure as the number of examples
+per class and training progress; these helpers measure the top Hessian eigenvalues along either
+axis with the same solver and seed, returning JSON-able sections for the report.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.curvature._operators import HessianOperator
+from curvscope.curvature._problem import Problem
+from curvscope.solvers.eigsh import eigsh
+
+
+def _top(problem: Problem, k: int, seed: int) -> tuple[list[float], list[float]]:
+    res = eigsh(HessianOperator(problem), min(k, problem.num_params), which="LA", tol=1e-4,
+                generator=torch.Generator().manual_seed(seed))
+    return res.eigenvalues.tolist(), res.residual_norms.tolist()
+
+
+def first_per_class(batches: Sequence[tuple[Tensor, Tensor]], n_per_class: int
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """The first ``n_per_class`` examples of every class, in data order, as one batch."""
+    xs, ys = [], []
+    seen: dict[int, int] = {}
+    for x, y in batches:
+        for i in range(len(y)):
+            c = int(y[i])
+            if seen.get(c, 0) < n_per_class:
+                seen[c] = seen.get(c, 0) + 1
+                xs.append(x[i : i + 1])
+                ys.append(y[i : i + 1])
+    if not xs:
+        raise ValueError("no examples in the data.")
+    return [(torch.cat(xs), torch.cat(ys))]
+
+
+def sample_size_sweep(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    sizes: Sequence[int],
+    *,
+    k: int = 20,
+    seed: int = 0,
+    **problem_options: Any,
+) -> dict[str, Any]:
+    """Top-``k`` Hessian eigenvalues on the first ``n`` examples per class, for each ``n``."""
+    rows, residuals = [], []
+    for n in sizes:
+        problem = Problem(model, loss_fn, first_per_class(batches, n), **problem_options)
+        vals, res = _top(problem, k, seed)
+        rows.append(vals)
+        residuals.append(res)
+    return {"kind": "sample_size", "x": list(sizes), "xlabel": "examples per class",
+            "eigenvalues": rows, "residual_norms": residuals}
+
+
+def checkpoint_sweep(
+    model: nn.Module,
+    checkpoints: Sequence[tuple[int, dict[str, Tensor]]],
+    loss_fn: Callable[..., Tensor],
+    batches: Sequence[Any],
+    *,
+    k: int = 20,
+    seed: int = 0,
+    **problem_options: Any,
+) -> dict[str, Any]:
+    """Top-``k`` Hessian eigenvalues at saved checkpoints ``(step, state_dict)`` along training.
+
+    The model is copied for each checkpoint; the user's model is not touched.
+    """
+    rows, residuals, steps = [], [], []
+    for step, state in checkpoints:
+        clone = copy.deepcopy(model)
+        clone.load_state_dict(state)
+        vals, res = _top(Problem(clone, loss_fn, batches, **problem_options), k, seed)
+        rows.append(vals)
+        residuals.append(res)
+        steps.append(int(step))
+    return {"kind": "checkpoints", "x": steps, "xlabel": "training step",
+            "eigenvalues": rows, "residual_norms": residuals}

@@ -4,8 +4,9 @@ The outlier rule (eigengap): for the top eigenvalues ``l_1 >= ... >= l_K`` (posi
 outliers are ``l_1 .. l_j`` for the ``j`` with the **largest** gap ratio ``l_j / l_{j+1}``,
 provided it is at least ``threshold`` (default 1.5). With no such gap there are no outliers. Other
 gaps above the threshold are listed too: Papyan's hierarchy puts a second, smaller gap after the
-``C (C - 1)`` cross-class "mini-bulk". The bulk edge is ``l_{j+1}``; when a deflated SLQ density is given, its upper
-spectral bound is reported beside it as a consistency check (it should equal ``l_{j+1}``).
+``C (C - 1)`` cross-class "mini-bulk". The bulk edge is ``l_{j+1}``; when a deflated SLQ density
+is given, its upper spectral bound is reported beside it as a consistency check (it should equal
+``l_{j+1}``).
 
 Overlaps follow Fernandez et al. 2025: for orthonormal ``U [D, k]``, ``V [D, r]``,
 ``ov = ||U^T V||_F^2 / min(k, r)`` (1 for nested subspaces, ``max(k, r)/D`` by chance); for a mask

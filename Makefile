@@ -20,7 +20,7 @@ STAMP := $(VENV)/.curvscope-installed
 
 help:
 	@echo "make demo      run the main job on the embedded default problem"
-	@echo "make test      run the default test suite (fast, CPU)"
+	@echo "make test      run the default test suite (CPU; includes the 2-process torchrun tests)"
 	@echo "make test-all  also the slow and multi-process tests"
 	@echo "make lint      ruff on src/ and tests/"
 
@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/curvscope demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"

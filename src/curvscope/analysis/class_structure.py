@@ -272,6 +272,8 @@ def class_structure(
                     store[:, pairs] += sketch(flat)
                 if U is not None:
                     proj[:, pairs] += U.T.to(torch.float64) @ flat
+    problem.all_reduce(store)
+    problem.all_reduce(proj)
     gram = (store.T @ store).cpu()
     weights = counts.to(torch.float64) * (1.0 / problem.num_data if problem.reduction == "mean"
                                           else 1.0)
@@ -311,6 +313,7 @@ def _class_counts(problem: Problem) -> tuple[Tensor, int]:
         c = torch.bincount(target.cpu(), minlength=num_classes)
         counts = c if counts is None else counts + c
     assert counts is not None and num_classes is not None
+    counts = problem.all_reduce(counts.to(problem.device)).cpu()
     if bool((counts == 0).any()):
         empty = (counts == 0).nonzero().squeeze(1).tolist()
         raise ValueError(f"classes {empty} have no example; class means need every class.")

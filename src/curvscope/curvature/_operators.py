@@ -231,6 +231,7 @@ class CurvatureOperator(LinearOperator):
             for batch in problem.batches():
                 ctx = _BatchContext(problem, batch, params, frozen, self._engine_flags)
                 self._accumulate(ctx, kernels, Xp, out)
+        problem.all_reduce(out)
         for coef, op in kernels:
             extra = op._correction(X)
             if extra is not None:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvscope import distributed
 from curvscope.curvature._param_space import ParamSpace, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,9 @@ class Problem:
             their dtype. Off by default: a mismatch is an error that says so.
         check_determinism: run :meth:`check_determinism` at construction.
         progress: show a progress bar over batches (tqdm).
+        shard: under ``torch.distributed`` (more than one rank): ``"round_robin"`` (every rank is
+            given the same data and keeps batches ``rank, rank + W, ...``) or ``"local"`` (the
+            data are already this rank's shard). Products, counts and gradients are all-reduced.
 
     Raises:
         TypeError, ValueError: bad input; every message says what was expected, what came and
@@ -184,6 +188,7 @@ class Problem:
         check_determinism: bool = False,
         progress: bool = False,
         validate: bool = True,
+        shard: str = "round_robin",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -204,6 +209,9 @@ class Problem:
             )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if shard not in distributed.SHARDING:
+            raise ValueError(f"shard must be one of {distributed.SHARDING}, got {shard!r}.")
+        self.shard = shard
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
@@ -314,20 +322,32 @@ class Problem:
         return inputs, target
 
     def _raw_batches(self) -> Iterator[tuple[Any, Any]]:
-        for raw in self.data:
-            inputs, target = self._prepare(raw)
+        for _, inputs, target in self._indexed_batches():
             yield inputs, target
+
+    def _indexed_batches(self) -> Iterator[tuple[int, Any, Any]]:
+        """This rank's batches with their global index (all of them in one process)."""
+        rank, size = distributed.world()
+        keep_all = size == 1 or self.shard == "local"
+        for i, raw in enumerate(self.data):
+            if keep_all or i % size == rank:
+                inputs, target = self._prepare(raw)
+                yield i, inputs, target
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum a per-rank partial result over the ranks (no-op in one process)."""
+        return distributed.all_reduce_sum(t)
 
     def _count(self, num_data: int | None) -> int:
         if num_data is not None:
             if not isinstance(num_data, int) or num_data <= 0:
                 raise ValueError(f"num_data must be a positive int, got {num_data!r}.")
             return num_data
-        total = 0
-        seen = 0
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _, target in self._raw_batches():
-            seen += 1
-            total += self.batch_size_fn(target)
+            local[0] += 1
+            local[1] += self.batch_size_fn(target)
+        seen, total = (int(v) for v in self.all_reduce(local).tolist())
         if seen == 0:
             raise ValueError("data is empty: expected at least one batch, got none.")
         if total <= 0:
@@ -339,10 +359,10 @@ class Problem:
     def batches(self) -> Iterator[Batch]:
         """One pass over the data: checked, weighted batches (counts ``num_data_passes``)."""
         self.num_data_passes += 1
-        iterator: Iterable[tuple[Any, Any]] = self._raw_batches()
+        iterator: Iterable[tuple[int, Any, Any]] = self._indexed_batches()
         if self.progress:
             iterator = _progress(iterator, self.data)
-        for i, (inputs, target) in enumerate(iterator):
+        for i, inputs, target in iterator:
             n = self.batch_size_fn(target)
             if n == 0:
                 continue
@@ -425,7 +445,7 @@ class Problem:
                                                 materialize_grads=True)
                 total += loss.detach().to(self.accumulate_dtype)
                 grad += self.param_space.join(list(grads)).to(self.accumulate_dtype)
-        return total, grad
+        return self.all_reduce(total), self.all_reduce(grad)
 
     def validate(self) -> None:
         """Check the first batch: a finite scalar loss, finite gradients, no unused parameters.
@@ -435,7 +455,9 @@ class Problem:
             ValueError: a non-scalar or non-finite loss, non-finite gradients, or selected
                 parameters that do not influence the loss.
         """
-        batch = next(iter(self.batches()))
+        batch = next(iter(self.batches()), None)
+        if batch is None:  # this rank holds no batch (more ranks than batches)
+            return
         params = self.parameters()
         leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
         with self.model_context(), torch.enable_grad():

@@ -326,7 +326,7 @@ class Problem:
             yield inputs, target
 
     def _indexed_batches(self) -> Iterator[tuple[int, Any, Any]]:
-        """This rank's batches with their global index (all of them in one process)."""
+        """Batches of this rank with their global index (all of them in one process)."""
         rank, size = distributed.world()
         keep_all = size == 1 or self.shard == "local"
         for i, raw in enumerate(self.data):

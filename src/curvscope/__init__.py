@@ -8,6 +8,7 @@ in one pass over the data.
 """
 
 from curvscope import linops
+from curvscope._checkpoint import CheckpointCorrupted, CheckpointError, CheckpointMismatch
 from curvscope.curvature import (
     CombinedCurvatureOperator,
     CurvatureOperator,
@@ -81,6 +82,10 @@ __all__ = [
     "slq",
     "xdiag",
     "xtrace",
+    # resumable runs
+    "CheckpointCorrupted",
+    "CheckpointError",
+    "CheckpointMismatch",
     # results
     "ConvergenceError",
     "ConvergenceWarning",

@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -254,6 +255,8 @@ def slq(
     deflate: EigenResult | None = None,
     basis: str = "device",
     generator: torch.Generator | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``num_probes`` probes in lockstep.
 
@@ -268,6 +271,8 @@ def slq(
             their eigenvectors (dimension ``n - k``).
         basis: where the Lanczos vectors live (``"device"``, ``"host"``, ``"none"``).
         generator: explicit randomness.
+        checkpoint: file for resumable runs (see :func:`~curvscope.lanczos`).
+        checkpoint_every: Lanczos steps between saves.
 
     Returns:
         :class:`SpectralDensity`.
@@ -296,7 +301,8 @@ def slq(
     V0 = start_vectors(A, None, num_probes, distribution, generator)
     if isinstance(op, _ComplementOperator):
         V0 = op.project(V0)
-    result = lanczos(op, m, v0=V0, reorth=reorth, basis=basis, generator=generator)
+    result = lanczos(op, m, v0=V0, reorth=reorth, basis=basis, generator=generator,
+                     checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     theta, S = result.ritz()
     weights = S[:, 0, :] ** 2
     beta_m = result.beta[:, -1].to("cpu", torch.float64).abs()

@@ -24,11 +24,13 @@ References:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import warnings
 
 import torch
 from torch import Tensor
 
+from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
 from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.linops._base import LinearOperator
@@ -123,6 +125,8 @@ def eigsh(
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
     strict: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -143,6 +147,11 @@ def eigsh(
         v0: warm start ``[n]`` or ``[n, j]`` (e.g. eigenvectors of a previous step).
         generator: explicit randomness for the start block.
         strict: raise :class:`ConvergenceError` instead of warning when not all converge.
+        checkpoint: a file to save the state to every ``checkpoint_every`` products
+            (atomically); when it exists the run resumes from it, with the same result as an
+            uninterrupted run. A file from another run or a damaged one raises
+            :class:`~curvscope.CheckpointError`.
+        checkpoint_every: products between saves.
 
     Returns:
         :class:`~curvscope.solvers.EigenResult` with measured residual norms and a converged mask.
@@ -172,6 +181,7 @@ def eigsh(
         raise ValueError(f"num_vectors must be at least k + block_size = {k + b}, got {m}.")
     keep = min(max(k + (m - k) // 2, k), m - b) if m < n else m
     counted = Counted(A)
+    gen_digest = generator_digest(generator)
     dtype, device = A.dtype, A.device
     Q = torch.zeros(n, 0, dtype=dtype, device=device)
     AQ = torch.zeros(n, 0, dtype=dtype, device=device)
@@ -187,6 +197,18 @@ def eigsh(
     anorm = torch.zeros((), dtype=torch.float64)
     restarts = 0
     check_early = v0 is not None  # a warm start may already hold the answer: check after 1 block
+    ckpt = Checkpointer(checkpoint, checkpoint_every, {
+        "algorithm": "eigsh", "n": n, "k": k, "which": which, "tol": tol, "atol": atol,
+        "block_size": b, "num_vectors": m, "dtype": str(dtype), "start": tensor_digest(X),
+        "generator": gen_digest,
+    })
+    state = ckpt.load()
+    if state is not None:
+        Q, AQ, X = (state[key].to(device) for key in ("Q", "AQ", "X"))
+        anorm, restarts, check_early = state["anorm"], state["restarts"], state["check_early"]
+        if generator is not None:
+            generator.set_state(state["generator"])
+        counted.num_matvecs, counted.num_products = state["num_matvecs"], state["num_products"]
     while True:
         while Q.shape[1] < m and X.shape[1] > 0 and not (check_early and Q.shape[1] >= k):
             # whole blocks only (the basis may pass m by less than b): a truncated block would
@@ -195,6 +217,12 @@ def eigsh(
             AX = counted @ X
             Q, AQ = torch.cat([Q, X], 1), torch.cat([AQ, AX], 1)
             X = _orthonormalize(AX, Q, generator)[:, :b] if Q.shape[1] < n else X[:, :0]
+            if ckpt.due(counted.num_products):
+                ckpt.save({"Q": Q.cpu(), "AQ": AQ.cpu(), "X": X.cpu(), "anorm": anorm,
+                           "restarts": restarts, "check_early": check_early,
+                           "generator": None if generator is None else generator.get_state(),
+                           "num_matvecs": counted.num_matvecs,
+                           "num_products": counted.num_products})
         H = (Q.T @ AQ).to("cpu", torch.float64)
         theta, S = torch.linalg.eigh((H + H.T) / 2)
         anorm = torch.maximum(anorm, theta.abs().max())

@@ -26,10 +26,12 @@ References:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
 from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.linops._base import LinearOperator
@@ -102,6 +104,8 @@ def lanczos(
     basis: str = "device",
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> LanczosResult:
     """Run ``num_iters`` Lanczos steps from ``p`` start vectors in lockstep.
 
@@ -116,6 +120,11 @@ def lanczos(
             memory, pinned on CUDA) or ``"none"`` (discarded; only with ``reorth="none"``).
         distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         generator: explicit randomness.
+        checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomically);
+            when it exists, the run resumes from it and gives the same result as an uninterrupted
+            run. A file from another run or a damaged one raises
+            :class:`~curvscope.CheckpointError`.
+        checkpoint_every: steps between saves.
 
     Returns:
         :class:`LanczosResult` with ``alpha``, ``beta`` ``[p, m]``, the start vectors' norms, the
@@ -149,10 +158,16 @@ def lanczos(
             "reorth='none' to discard them."
         )
     counted = Counted(A)
+    check_generator(generator)
+    gen_digest = generator_digest(generator)
     V = start_vectors(A, v0, num_probes, distribution, generator)
     p, m = V.shape[1], num_iters
     start_norms = V.norm(dim=0)
     V = V / start_norms
+    ckpt = Checkpointer(checkpoint, checkpoint_every, {
+        "algorithm": "lanczos", "n": n, "probes": p, "num_iters": m, "reorth": reorth,
+        "basis": basis, "dtype": str(A.dtype), "start": tensor_digest(V), "generator": gen_digest,
+    })
     store = _BasisStore(p, m, n, A.dtype, A.device, basis)
     store.put(0, V)
     alpha = torch.zeros(m, p, dtype=A.dtype, device=A.device)
@@ -162,7 +177,24 @@ def lanczos(
     eps = torch.finfo(A.dtype).eps
     scale = torch.zeros(p, dtype=A.dtype, device=A.device)  # running estimate of ||A||
     omega = _Omega(p, m, n, eps, A.dtype, A.device) if reorth == "partial" else None
-    for j in range(m):
+    start = 0
+    state = ckpt.load()
+    if state is not None:
+        start = state["step"]
+        alpha.copy_(state["alpha"])
+        beta.copy_(state["beta"])
+        V, V_prev = state["V"].to(A.device), state["V_prev"].to(A.device)
+        beta_prev, scale = state["beta_prev"].to(A.device), state["scale"].to(A.device)
+        if store.data is not None:
+            store.data.copy_(state["basis"])
+        if omega is not None:
+            omega.prev.copy_(state["omega_prev"])
+            omega.cur.copy_(state["omega_cur"])
+            omega.force_next = bool(state["omega_force"])
+        if generator is not None:
+            generator.set_state(state["generator"])
+        counted.num_matvecs, counted.num_products = state["num_matvecs"], state["num_products"]
+    for j in range(start, m):
         W = counted @ V
         a = (V * W).sum(0)
         W = W - V * a - V_prev * beta_prev
@@ -182,6 +214,17 @@ def lanczos(
         V_prev, beta_prev, V = V, b, V_next
         if j + 1 < m:
             store.put(j + 1, V)
+        if ckpt.due(j + 1) or (ckpt.enabled and j + 1 == m):
+            ckpt.save({
+                "step": j + 1, "alpha": alpha.cpu(), "beta": beta.cpu(), "V": V.cpu(),
+                "V_prev": V_prev.cpu(), "beta_prev": beta_prev.cpu(), "scale": scale.cpu(),
+                "basis": None if store.data is None else store.data.cpu(),
+                "omega_prev": None if omega is None else omega.prev.cpu(),
+                "omega_cur": None if omega is None else omega.cur.cpu(),
+                "omega_force": False if omega is None else omega.force_next,
+                "generator": None if generator is None else generator.get_state(),
+                "num_matvecs": counted.num_matvecs, "num_products": counted.num_products,
+            })
     return LanczosResult(alpha.T.contiguous(), beta.T.contiguous(), start_norms,
                          store.result(), reorth, counted.cost())
 

@@ -1,0 +1,137 @@
+"""Resumable long runs: atomic, checksummed, fingerprinted checkpoints of an algorithm's state.
+
+A checkpoint file is ``MAGIC | header length (8 bytes) | header JSON | payload``; the payload is
+``torch.save`` of the state (tensors, numbers, generator states), the header holds the format
+version, a fingerprint of the run (algorithm, sizes, options, a hash of the start vectors and of
+the generator) and the payload's SHA-256. Files are written to a temporary name and renamed, so a
+run killed at any instant (SIGKILL included) leaves either the previous checkpoint or the new one.
+
+Loading checks everything: a wrong magic, header or checksum raises :class:`CheckpointCorrupted`;
+a fingerprint that differs from the current run's raises :class:`CheckpointMismatch`. A checkpoint
+is never silently used for another run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MAGIC = b"CURVSCOPE-CKPT\n"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used."""
+
+
+class CheckpointCorrupted(CheckpointError):
+    """The file is damaged (truncated, overwritten, checksum mismatch)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The file belongs to a different run (other algorithm, sizes, options or inputs)."""
+
+
+def tensor_digest(*tensors: Tensor | None) -> str:
+    """SHA-256 of tensors' bytes (on the host), for fingerprints."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        data = t.detach().to("cpu").clone(memory_format=torch.contiguous_format).reshape(-1)
+        h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def generator_digest(generator: torch.Generator | None) -> str:
+    """Digest of a generator's state (``"none"`` without one)."""
+    return "none" if generator is None else tensor_digest(generator.get_state())
+
+
+class Checkpointer:
+    """Saves an algorithm's state every ``every`` steps to ``path`` and restores it on restart.
+
+    Args:
+        path: the checkpoint file (``None``: no checkpointing, every method is a no-op).
+        every: save after every ``every``-th step.
+        fingerprint: JSON-able description of the run; must match to resume.
+    """
+
+    def __init__(self, path: str | Path | None, every: int, fingerprint: dict[str, Any]) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
+        self.path = None if path is None else Path(path)
+        self.every = every
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a path was given."""
+        return self.path is not None
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this run, or ``None`` when there is no checkpoint file."""
+        if self.path is None or not self.path.exists():
+            return None
+        raw = self.path.read_bytes()
+        if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 8:
+            raise CheckpointCorrupted(f"{self.path} is not a curvscope checkpoint (bad header); "
+                                      "delete it to start afresh.")
+        pos = len(MAGIC)
+        size = int.from_bytes(raw[pos : pos + 8], "little")
+        try:
+            header = json.loads(raw[pos + 8 : pos + 8 + size])
+        except ValueError as err:
+            raise CheckpointCorrupted(f"{self.path}: unreadable header ({err}); delete it to start "
+                                      "afresh.") from err
+        payload = raw[pos + 8 + size :]
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise CheckpointCorrupted(f"{self.path}: checksum mismatch (truncated or modified); "
+                                      "delete it to start afresh.")
+        if header.get("version") != VERSION:
+            raise CheckpointMismatch(f"{self.path}: checkpoint format {header.get('version')}, "
+                                     f"this curvscope writes {VERSION}.")
+        if header.get("fingerprint") != self.fingerprint:
+            theirs, ours = header.get("fingerprint", {}), self.fingerprint
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise CheckpointMismatch(
+                f"{self.path} belongs to another run (differs in {diff}); use another checkpoint "
+                "path, or delete it to start afresh."
+            )
+        return torch.load(io.BytesIO(payload), weights_only=True)
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (1-based count of steps done) is a save point."""
+        return self.path is not None and step % self.every == 0
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` atomically (temporary file, fsync, rename)."""
+        if self.path is None:
+            return
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        header = json.dumps({"version": VERSION, "fingerprint": self.fingerprint,
+                             "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ckpt-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + len(header).to_bytes(8, "little") + header + payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,45 @@
+"""A long run for the resume tests: SLQ or eigsh on a tiny network's Hessian, with checkpoints.
+
+Usage: python tests/_resume_worker.py {slq|eigsh} CHECKPOINT OUT [DELAY]
+Sleeps DELAY seconds after every product so the test can SIGKILL it mid-way.
+"""
+
+import sys
+import time
+
+import torch
+
+import curvscope as cs
+from curvscope.linops import LinearOperator
+from curvscope.testing import tiny_mlp
+
+
+class Slow(LinearOperator):
+    def __init__(self, A, delay):
+        super().__init__(A.shape, dtype=A.dtype, device=A.device, tags=A.tags)
+        self.A, self.delay = A, delay
+
+    def _matmat(self, X):
+        out = self.A @ X
+        time.sleep(self.delay)
+        return out
+
+
+def run(kind, checkpoint, delay=0.0):
+    torch.set_num_threads(1)
+    tp = tiny_mlp("classification")
+    H = Slow(cs.HessianOperator(cs.Problem(tp.model, tp.loss_fn, tp.batches)), delay)
+    g = torch.Generator().manual_seed(7)
+    if kind == "slq":
+        d = cs.slq(H, 3, 40, generator=g, checkpoint=checkpoint, checkpoint_every=4)
+        return {"nodes": d.nodes, "weights": d.weights}
+    r = cs.eigsh(H, 6, which="BE", block_size=2, num_vectors=14, generator=g,
+                 checkpoint=checkpoint, checkpoint_every=3)
+    return {"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors,
+            "residuals": r.residual_norms}
+
+
+if __name__ == "__main__":
+    kind, ckpt, out = sys.argv[1:4]
+    delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    torch.save(run(kind, ckpt, delay), out)

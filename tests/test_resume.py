@@ -1,0 +1,109 @@
+"""Resumable runs: SIGKILL mid-way, start again, same result bitwise; bad checkpoints refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvscope as cs
+from curvscope._checkpoint import Checkpointer
+
+WORKER = Path(__file__).with_name("_resume_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from _resume_worker import run  # noqa: E402
+
+
+def _kill_mid_run(kind, ckpt, out, delay=0.15):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(WORKER), kind, str(ckpt), str(out), str(delay)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(2 * delay)  # a little past the first checkpoint
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["slq", "eigsh"])
+def test_sigkill_then_resume_gives_the_uninterrupted_result_bitwise(kind, tmp_path):
+    reference = run(kind, None)
+    ckpt, out = tmp_path / f"{kind}.ckpt", tmp_path / "out.pt"
+    _kill_mid_run(kind, ckpt, out)
+    saved = Checkpointer(ckpt, 1, {}).path
+    assert saved.exists()
+    # the same command again: resumes from the checkpoint and finishes
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(WORKER), kind, str(ckpt), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = torch.load(out)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_resumed_run_skips_the_work_already_done(tmp_path):
+    tp = cs.testing.tiny_mlp("classification")
+    H = cs.HessianOperator(cs.Problem(tp.model, tp.loss_fn, tp.batches))
+    ckpt = tmp_path / "l.ckpt"
+    full = cs.lanczos(H, 20, num_probes=2, generator=torch.Generator().manual_seed(1),
+                      checkpoint=ckpt, checkpoint_every=5)
+    assert full.cost.num_matvecs == 40
+    # the final state is saved too: running again costs no product and gives the same numbers
+    before = H.num_matvecs
+    again = cs.lanczos(H, 20, num_probes=2, generator=torch.Generator().manual_seed(1),
+                       checkpoint=ckpt, checkpoint_every=5)
+    assert H.num_matvecs == before
+    assert torch.equal(again.alpha, full.alpha) and torch.equal(again.beta, full.beta)
+
+
+def test_corrupted_checkpoint_is_detected(tmp_path):
+    tp = cs.testing.tiny_mlp("classification")
+    H = cs.HessianOperator(cs.Problem(tp.model, tp.loss_fn, tp.batches))
+    ckpt = tmp_path / "c.ckpt"
+    cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
+    raw = bytearray(ckpt.read_bytes())
+    raw[-10] ^= 0xFF  # flip bits in the payload
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(cs.CheckpointCorrupted, match="checksum mismatch"):
+        cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(cs.CheckpointCorrupted, match="not a curvscope checkpoint"):
+        cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
+    ckpt.write_bytes(bytes(raw[:40]))  # truncated inside the header
+    with pytest.raises(cs.CheckpointCorrupted):
+        cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("change", ["num_iters", "seed", "probes", "algorithm"])
+def test_mismatched_checkpoint_is_refused(tmp_path, change):
+    tp = cs.testing.tiny_mlp("classification")
+    H = cs.HessianOperator(cs.Problem(tp.model, tp.loss_fn, tp.batches))
+    ckpt = tmp_path / "m.ckpt"
+    cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
+    args = {"num_probes": 2, "num_iters": 10, "seed": 0}
+    if change == "algorithm":
+        with pytest.raises(cs.CheckpointMismatch, match="belongs to another run"):
+            cs.eigsh(H, 3, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
+        return
+    args[change if change != "probes" else "num_probes"] += 1
+    with pytest.raises(cs.CheckpointMismatch, match="belongs to another run"):
+        cs.slq(H, args["num_probes"], args["num_iters"],
+               generator=torch.Generator().manual_seed(args["seed"]), checkpoint=ckpt)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    tp = cs.testing.tiny_mlp("classification")
+    H = cs.HessianOperator(cs.Problem(tp.model, tp.loss_fn, tp.batches))
+    cs.slq(H, 2, 12, generator=torch.Generator().manual_seed(0), checkpoint=tmp_path / "a.ckpt",
+           checkpoint_every=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary files left
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        Checkpointer(tmp_path / "b.ckpt", 0, {})

@@ -72,13 +72,13 @@ def test_corrupted_checkpoint_is_detected(tmp_path):
     raw = bytearray(ckpt.read_bytes())
     raw[-10] ^= 0xFF  # flip bits in the payload
     ckpt.write_bytes(bytes(raw))
-    with pytest.raises(cs.CheckpointCorrupted, match="checksum mismatch"):
+    with pytest.raises(cs.CheckpointCorruptedError, match="checksum mismatch"):
         cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
     ckpt.write_bytes(b"garbage")
-    with pytest.raises(cs.CheckpointCorrupted, match="not a curvscope checkpoint"):
+    with pytest.raises(cs.CheckpointCorruptedError, match="not a curvscope checkpoint"):
         cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
     ckpt.write_bytes(bytes(raw[:40]))  # truncated inside the header
-    with pytest.raises(cs.CheckpointCorrupted):
+    with pytest.raises(cs.CheckpointCorruptedError):
         cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
 
 
@@ -90,11 +90,11 @@ def test_mismatched_checkpoint_is_refused(tmp_path, change):
     cs.slq(H, 2, 10, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
     args = {"num_probes": 2, "num_iters": 10, "seed": 0}
     if change == "algorithm":
-        with pytest.raises(cs.CheckpointMismatch, match="belongs to another run"):
+        with pytest.raises(cs.CheckpointMismatchError, match="belongs to another run"):
             cs.eigsh(H, 3, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
         return
     args[change if change != "probes" else "num_probes"] += 1
-    with pytest.raises(cs.CheckpointMismatch, match="belongs to another run"):
+    with pytest.raises(cs.CheckpointMismatchError, match="belongs to another run"):
         cs.slq(H, args["num_probes"], args["num_iters"],
                generator=torch.Generator().manual_seed(args["seed"]), checkpoint=ckpt)
 

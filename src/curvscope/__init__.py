@@ -8,7 +8,7 @@ in one pass over the data.
 """
 
 from curvscope import linops
-from curvscope._checkpoint import CheckpointCorrupted, CheckpointError, CheckpointMismatch
+from curvscope._checkpoint import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 from curvscope.curvature import (
     CombinedCurvatureOperator,
     CurvatureOperator,
@@ -83,9 +83,9 @@ __all__ = [
     "xdiag",
     "xtrace",
     # resumable runs
-    "CheckpointCorrupted",
+    "CheckpointCorruptedError",
     "CheckpointError",
-    "CheckpointMismatch",
+    "CheckpointMismatchError",
     # results
     "ConvergenceError",
     "ConvergenceWarning",

@@ -6,8 +6,8 @@ version, a fingerprint of the run (algorithm, sizes, options, a hash of the star
 the generator) and the payload's SHA-256. Files are written to a temporary name and renamed, so a
 run killed at any instant (SIGKILL included) leaves either the previous checkpoint or the new one.
 
-Loading checks everything: a wrong magic, header or checksum raises :class:`CheckpointCorrupted`;
-a fingerprint that differs from the current run's raises :class:`CheckpointMismatch`. A checkpoint
+Loading checks everything: a wrong magic, header or checksum raises :class:`CheckpointCorruptedError`;
+a fingerprint that differs from the current run's raises :class:`CheckpointMismatchError`. A checkpoint
 is never silently used for another run.
 """
 
@@ -32,11 +32,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used."""
 
 
-class CheckpointCorrupted(CheckpointError):
+class CheckpointCorruptedError(CheckpointError):
     """The file is damaged (truncated, overwritten, checksum mismatch)."""
 
 
-class CheckpointMismatch(CheckpointError):
+class CheckpointMismatchError(CheckpointError):
     """The file belongs to a different run (other algorithm, sizes, options or inputs)."""
 
 
@@ -85,26 +85,26 @@ class Checkpointer:
             return None
         raw = self.path.read_bytes()
         if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 8:
-            raise CheckpointCorrupted(f"{self.path} is not a curvscope checkpoint (bad header); "
+            raise CheckpointCorruptedError(f"{self.path} is not a curvscope checkpoint (bad header); "
                                       "delete it to start afresh.")
         pos = len(MAGIC)
         size = int.from_bytes(raw[pos : pos + 8], "little")
         try:
             header = json.loads(raw[pos + 8 : pos + 8 + size])
         except ValueError as err:
-            raise CheckpointCorrupted(f"{self.path}: unreadable header ({err}); delete it to start "
+            raise CheckpointCorruptedError(f"{self.path}: unreadable header ({err}); delete it to start "
                                       "afresh.") from err
         payload = raw[pos + 8 + size :]
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-            raise CheckpointCorrupted(f"{self.path}: checksum mismatch (truncated or modified); "
+            raise CheckpointCorruptedError(f"{self.path}: checksum mismatch (truncated or modified); "
                                       "delete it to start afresh.")
         if header.get("version") != VERSION:
-            raise CheckpointMismatch(f"{self.path}: checkpoint format {header.get('version')}, "
+            raise CheckpointMismatchError(f"{self.path}: checkpoint format {header.get('version')}, "
                                      f"this curvscope writes {VERSION}.")
         if header.get("fingerprint") != self.fingerprint:
             theirs, ours = header.get("fingerprint", {}), self.fingerprint
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise CheckpointMismatch(
+            raise CheckpointMismatchError(
                 f"{self.path} belongs to another run (differs in {diff}); use another checkpoint "
                 "path, or delete it to start afresh."
             )

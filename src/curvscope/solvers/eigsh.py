@@ -24,8 +24,8 @@ References:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor

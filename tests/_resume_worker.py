@@ -43,3 +43,19 @@ if __name__ == "__main__":
     kind, ckpt, out = sys.argv[1:4]
     delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     torch.save(run(kind, ckpt, delay), out)
+
+
+def run_more(kind, checkpoint):
+    """Sketch and class-structure runs (in-process interruption is simulated by the test)."""
+    torch.set_num_threads(1)
+    tp = tiny_mlp("classification", batch_sizes=(3, 3, 3, 2, 2))
+    problem = cs.Problem(tp.model, tp.loss_fn, tp.batches)
+    if kind == "sketch":
+        H = cs.HessianOperator(problem)
+        r = cs.sketch_eigh(H, 5, num_power_iters=2, block_size=4, generator=torch.Generator()
+                           .manual_seed(3), checkpoint=checkpoint, checkpoint_every=2)
+        return {"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors}
+    from curvscope.analysis import class_structure
+
+    res = class_structure(problem, checkpoint=checkpoint, checkpoint_every=1)
+    return {"gram": res.gram}

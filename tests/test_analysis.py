@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 import curvscope as cs
 from conftest import rel_err

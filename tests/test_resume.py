@@ -107,3 +107,48 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary files left
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         Checkpointer(tmp_path / "b.ckpt", 0, {})
+
+
+class _InterruptError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["sketch", "class_structure"])
+def test_sketch_and_class_structure_resume(kind, tmp_path, monkeypatch):
+    """Interrupted after a few products (an exception stands in for SIGKILL), then resumed."""
+    from _resume_worker import run_more
+    from curvscope.curvature import _operators
+
+    reference = run_more(kind, None)
+    ckpt = tmp_path / f"{kind}.ckpt"
+    calls = {"n": 0}
+    real = _operators.CurvatureOperator._accumulate
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5 * 3 + 2:  # 5 batches a product: inside the 4th product
+            raise _InterruptError
+        return real(self, *args, **kwargs)
+
+    if kind == "class_structure":
+        mod = sys.modules["curvscope.analysis.class_structure"]
+
+        real_cot = mod._cotangents
+        seen = {"n": 0}
+
+        def flaky_cot(*args, **kwargs):
+            seen["n"] += 1
+            if seen["n"] == 3:
+                raise _InterruptError
+            return real_cot(*args, **kwargs)
+
+        monkeypatch.setattr(mod, "_cotangents", flaky_cot)
+    else:
+        monkeypatch.setattr(_operators.CurvatureOperator, "_accumulate", flaky)
+    with pytest.raises(_InterruptError):
+        run_more(kind, ckpt)
+    assert ckpt.exists()
+    monkeypatch.undo()
+    resumed = run_more(kind, ckpt)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key

@@ -8,7 +8,8 @@ run killed at any instant (SIGKILL included) leaves either the previous checkpoi
 
 Loading checks everything: a wrong magic, header or checksum raises :class:`CheckpointCorruptedError`;
 a fingerprint that differs from the current run's raises :class:`CheckpointMismatchError`. A checkpoint
-is never silently used for another run.
+is never silently used for another run. Under ``torch.distributed`` each rank keeps its own
+file (``PATH.rank<r>``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from curvscope.distributed import world
 
 MAGIC = b"CURVSCOPE-CKPT\n"
 VERSION = 1
@@ -71,6 +74,9 @@ class Checkpointer:
         if every < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
         self.path = None if path is None else Path(path)
+        rank, size = world()
+        if self.path is not None and size > 1:  # under torchrun: one file per rank
+            self.path = self.path.with_name(f"{self.path.name}.rank{rank}")
         self.every = every
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 

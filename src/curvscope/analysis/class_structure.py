@@ -37,12 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from curvscope._checkpoint import Checkpointer, tensor_digest
 from curvscope._diagnostics import Cost, CostMeter
 from curvscope.curvature._losses import recognise_loss
 from curvscope.curvature._problem import Problem
@@ -212,6 +214,8 @@ def class_structure(
     seed: int = 0,
     keep_vectors: bool = False,
     chunk_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> ClassStructure:
     """Class-pair gradient means of a cross-entropy problem: one pass, Gram matrix accumulated.
 
@@ -225,6 +229,10 @@ def class_structure(
         seed: seed of the sketch.
         keep_vectors: return the vectors (exact mode) in the result.
         chunk_size: class pairs per vmapped vector-Jacobian product (default all ``C^2``).
+        checkpoint: file to save the partial sums to every ``checkpoint_every`` batches; a rerun
+            with the same arguments resumes after the last saved batch (the data must come in
+            the same order).
+        checkpoint_every: batches between saves.
 
     Raises:
         ValueError: the loss is not a plain cross-entropy, or a class has no example.
@@ -253,8 +261,22 @@ def class_structure(
     params = problem.parameters()
     frozen = problem.frozen_parameters(params)
     chunk = chunk_size or C * C
+    ckpt = Checkpointer(checkpoint, checkpoint_every, {
+        "algorithm": "class_structure", "P": P, "C": C, "mode": mode, "sketch_dim": s,
+        "seed": seed, "counts": counts.tolist(), "N": problem.num_data,
+        "eigenvectors": tensor_digest(U), "dtype": str(problem.dtype),
+    })
+    state = ckpt.load()
+    last_done = -1
+    if state is not None:
+        store.copy_(state["store"])
+        proj.copy_(state["proj"])
+        last_done = state["last_batch"]
+    done_batches = 0
     with problem.model_context(), torch.enable_grad():
         for batch in problem.batches():
+            if batch.index <= last_done:
+                continue
             y = batch.target
             z, vjp_fn = cast(tuple[Tensor, Callable[..., Any]],
                              vjp(lambda p, b=batch: problem.forward({**frozen, **p}, b.inputs),
@@ -272,6 +294,9 @@ def class_structure(
                     store[:, pairs] += sketch(flat)
                 if U is not None:
                     proj[:, pairs] += U.T.to(torch.float64) @ flat
+            done_batches += 1
+            if ckpt.due(done_batches):
+                ckpt.save({"store": store.cpu(), "proj": proj.cpu(), "last_batch": batch.index})
     problem.all_reduce(store)
     problem.all_reduce(proj)
     gram = (store.T @ store).cpu()

@@ -159,6 +159,10 @@ def analyze(
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
+    if class_mode not in ("auto", "exact", "sketch"):
+        raise ValueError(f"class_mode must be 'auto', 'exact' or 'sketch', got {class_mode!r}.")
+    if not outlier_threshold > 1:
+        raise ValueError(f"outlier_threshold must be > 1 (a ratio), got {outlier_threshold}.")
     num_probes, num_iters = BUDGETS[budget]
     num_classes = _num_classes(problem)
     P = problem.num_params

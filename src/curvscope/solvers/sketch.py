@@ -19,10 +19,12 @@ Fernandez et al. 2025).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
 from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.solvers._results import EigenResult
@@ -36,6 +38,48 @@ def _apply_blocked(counted: Counted, X: Tensor, block_size: int | None) -> Tenso
         return counted @ X
     return torch.cat([counted @ X[:, i : i + block_size]
                       for i in range(0, X.shape[1], block_size)], dim=1)
+
+
+class _StagedProducts:
+    """The sketch's sequence of blocked products ``A @ X_s``, resumable block by block.
+
+    A checkpoint holds the stage in progress, its finished columns, and the output of the last
+    finished stage; every later stage's input is a deterministic function of that output, so a
+    resumed run skips the finished stages (returning placeholders the caller discards) and redoes
+    only the missing columns.
+    """
+
+    def __init__(self, counted: Counted, block_size: int | None, ckpt: Checkpointer) -> None:
+        self.counted, self.block_size, self.ckpt = counted, block_size, ckpt
+        self.saved = ckpt.load() or {}
+        self.stage = 0
+        self.last_output: Tensor | None = None
+        if self.saved:
+            counted.num_matvecs = self.saved["num_matvecs"]
+            counted.num_products = self.saved["num_products"]
+
+    def __call__(self, X: Tensor) -> Tensor:
+        stage = self.stage
+        self.stage += 1
+        saved_stage = self.saved.get("stage", 0)
+        if stage < saved_stage - 1:
+            return torch.zeros_like(X)  # a finished stage whose output is not needed any more
+        if stage == saved_stage - 1:
+            return self.saved["previous"].to(X.device)
+        done = self.saved["partial"].to(X.device) if stage == saved_stage and self.saved else \
+            X.new_zeros(X.shape[0], 0)
+        width = self.block_size or X.shape[1]
+        parts = [done]
+        for i in range(done.shape[1], X.shape[1], width):
+            parts.append(self.counted @ X[:, i : i + width])
+            if self.ckpt.due(self.counted.num_products):
+                self.ckpt.save({"stage": stage, "partial": torch.cat(parts, 1).cpu(),
+                                "previous": self.last_output,
+                                "num_matvecs": self.counted.num_matvecs,
+                                "num_products": self.counted.num_products})
+        out = torch.cat(parts, 1)
+        self.last_output = out.cpu()
+        return out
 
 
 def _check_sketch_args(A: object, k: int, oversample: int, block_size: int | None,
@@ -75,6 +119,8 @@ def sketch_eigh(
     block_size: int | None = None,
     num_test: int = 10,
     generator: torch.Generator | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> EigenResult:
     """``k`` eigenpairs from a randomised range finder with power iterations (HMT).
 
@@ -88,6 +134,9 @@ def sketch_eigh(
         block_size: columns per product (bounds memory; default all at once).
         num_test: held-out vectors for the a-posteriori error estimate (``result.error_estimate``).
         generator: explicit randomness.
+        checkpoint: file to save the measurements to every ``checkpoint_every`` products; a
+            rerun resumes where the last one stopped (see :func:`~curvscope.eigsh`).
+        checkpoint_every: products between saves.
 
     Returns:
         :class:`EigenResult` (``method="sketch"``) with measured residuals; ``converged`` marks
@@ -110,14 +159,20 @@ def sketch_eigh(
         raise ValueError(f"num_power_iters must be a non-negative int, got {num_power_iters!r}.")
     counted = Counted(A)  # type: ignore[arg-type]
     n, dtype, device = counted.A.shape[0], counted.A.dtype, counted.A.device
+    gen_digest = generator_digest(generator)
     Omega = random_probes(n, width, distribution="gaussian", dtype=dtype, device=device,
                           generator=generator)
-    Y = _apply_blocked(counted, Omega, block_size)
+    apply = _StagedProducts(counted, block_size, Checkpointer(checkpoint, checkpoint_every, {
+        "algorithm": "sketch_eigh", "n": n, "width": width, "q": num_power_iters,
+        "block_size": block_size, "dtype": str(dtype), "start": tensor_digest(Omega),
+        "generator": gen_digest,
+    }))
+    Y = apply(Omega)
     for _ in range(num_power_iters):
         Q, _ = torch.linalg.qr(Y)
-        Y = _apply_blocked(counted, Q, block_size)
+        Y = apply(Q)
     Q, _ = torch.linalg.qr(Y)
-    AQ = _apply_blocked(counted, Q, block_size)
+    AQ = apply(Q)
     B = (Q.T @ AQ).to("cpu", torch.float64)
     theta, S = torch.linalg.eigh((B + B.T) / 2)
     want = select(theta, k, which)

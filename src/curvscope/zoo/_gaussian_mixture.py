@@ -15,9 +15,11 @@ shows the picture of Sagun et al. and Papyan clearly: a bulk near zero and ``C -
 (the class-mean gradient directions, which span ``C - 1`` dimensions because the softmax
 cross-entropy gradient sums to zero over the classes; Papyan counts "about C"), separated from
 the bulk by a factor 3 to 5 in eigenvalue (measured for C = 3 to 20 over several seeds; for
-C = 2 there are two outliers). With ReLU the network is piecewise linear in its
-input, so the Hessian equals the Gauss-Newton matrix ``G`` exactly: the outliers are Papyan's
-class and cross-class structure of ``G``. Tanh (``activation="tanh"``) keeps a residual ``H`` but
+C = 2 there are two outliers). With ReLU the second derivatives of the
+activations vanish, so the residual ``H - G`` comes only from products of weights of different
+layers; it is small, and ``tr H = tr G`` exactly (the ReLU identity), but ``H != G`` (the top
+eigenvalues differ by about 0.5 %): the outliers are Papyan's class and cross-class structure
+of ``G``. Tanh (``activation="tanh"``) keeps a residual ``H`` but
 shows the outliers less sharply (gap about 1.5 to 1.8). With separation larger than the noise,
 or trained to vanishing loss, the gap blurs.
 
@@ -82,8 +84,7 @@ def gaussian_mixture(
         num_classes: ``C >= 2``.
         input_dim: ``d``.
         hidden: width of both hidden layers.
-        activation: ``"relu"`` (default; the Hessian equals the Gauss-Newton matrix) or
-            ``"tanh"``.
+        activation: ``"relu"`` (default; ``tr H = tr G`` and a small residual) or ``"tanh"``.
         n_per_class: training examples per class.
         n_test_per_class: held-out examples per class (``0``: no ``test_batches``).
         batch_size: size of the batches in ``batches`` / ``test_batches`` (training itself is

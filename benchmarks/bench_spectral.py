@@ -41,6 +41,7 @@ import os
 import platform
 import queue as queue_mod
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -641,9 +642,9 @@ def all_cells(args: argparse.Namespace) -> list[Cell]:
         Cell("curvscope", "trace", "hutchpp_trace, 99 products", "cs_trace", {"method": "hutchpp"},
              role="main", summary=True),
         Cell("curvscope", "trace", "xtrace, 100 products", "cs_trace", {"method": "xtrace"},
-             role="variant"),
+             role="variant", only_dtype="float32"),
         Cell("curvscope", "trace", "hutchinson_trace, 100 products", "cs_trace",
-             {"method": "hutchinson"}, role="variant"),
+             {"method": "hutchinson"}, role="variant", only_dtype="float32"),
         Cell("curvscope", "density", f"slq {SLQ_PROBES} probes x {SLQ_STEPS} steps, full reorth",
              "cs_density", role="main", summary=True),
         # ---- PyHessian
@@ -679,7 +680,7 @@ def all_cells(args: argparse.Namespace) -> list[Cell]:
         Cell("curvlinops", "trace", "hutchpp_trace(H, 99)", "cl_trace", {"method": "hutchpp"},
              role="default"),
         Cell("curvlinops", "trace", "xtrace(H, 100)", "cl_trace", {"method": "xtrace"},
-             role="variant"),
+             role="variant", only_dtype="float32"),
         Cell("curvlinops", "density", f"lanczos_approximate_spectrum(ncv={SLQ_STEPS}, "
              f"num_repeats={SLQ_PROBES}): no reorth (none offered), bounds by eigsh tol 1e-2",
              "cl_density", role="default"),
@@ -690,7 +691,7 @@ def all_cells(args: argparse.Namespace) -> list[Cell]:
         Cell("skerch", "trace", "hutch(num_meas=100): Girard-Hutchinson", "sk_trace",
              {"method": "hutch"}, role="default"),
         Cell("skerch", "trace", "xhutchpp(x_dims=50, gh_meas=0): XTrace, 100 HVPs", "sk_trace",
-             {"method": "xtrace"}, role="variant"),
+             {"method": "xtrace"}, role="variant", only_dtype="float32"),
         Cell("skerch", "density", "-", "", na="skerch has no spectral-density estimator"),
     ]
     libs = set(args.libs.split(","))
@@ -1316,11 +1317,14 @@ def main(argv: list[str] | None = None) -> int:
     default_out = HERE / "results" / f"bench_spectral_{args.device.split(':')[0]}.json"
     out_path = Path(args.out) if args.out else default_out
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for rec in records:  # keep the JSON small: drop the gridded densities
+    for rec in records:  # keep the JSON small: drop the gridded densities, round the nodes
         res = rec.get("result")
         if isinstance(res, dict):
             res.pop("grid", None)
             res.pop("density", None)
+            for key in ("nodes", "weights"):
+                if key in res:
+                    res[key] = [[float(f"{x:.7g}") for x in row] for row in res[key]]
     ref_json = {}
     for fam, r in ref_info.items():
         r = dict(r)
@@ -1352,6 +1356,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {out_path}")
+    shutil.rmtree(workdir, ignore_errors=True)  # saved problems and reference spectra
     return 0
 
 

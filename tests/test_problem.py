@@ -76,7 +76,7 @@ def test_model_is_restored_when_a_product_fails():
     with pytest.raises(RuntimeError, match="boom"):
         H @ torch.zeros(H.shape[0], dtype=torch.float64)
     _assert_same(before, _snapshot(model))
-    assert H.active_engine == "forward_over_reverse"  # a user error is not an engine failure
+    assert H.active_engine == "auto"  # a user error is not an engine failure
 
 
 def test_modes_set_batchnorm_and_dropout_as_documented():

@@ -668,3 +668,30 @@ def test_small_n_edge_cases():
     assert res.all_converged
     res = eigsh(A, 1, which="SA", generator=gen(38))
     torch.testing.assert_close(res.eigenvalues, torch.tensor([-1.0], dtype=F64))
+
+
+def test_eigsh_stops_when_the_tolerance_is_below_the_products_precision():
+    """Products with relative noise 1e-7 cannot certify 1e-12: stop early, say why."""
+    n = 120
+    A0 = planted_dense_for_noise(n)
+
+    class Noisy(cs.linops.LinearOperator):
+        def __init__(self):
+            super().__init__((n, n), dtype=F64, device="cpu", tags={"symmetric"})
+            self.g = torch.Generator().manual_seed(0)
+
+        def _matmat(self, X):
+            out = A0 @ X
+            return out + 1e-7 * out.norm() * torch.randn(out.shape, generator=self.g, dtype=F64)
+
+    with pytest.warns(ConvergenceWarning, match="without progress"):
+        res = eigsh(Noisy(), 3, tol=1e-12, num_vectors=20, max_iters=500, generator=gen(0))
+    assert res.num_iters < 100  # did not burn the 500 restarts
+    assert (res.eigenvalues - torch.tensor([30.0, 20.0, 10.0], dtype=F64)).abs().max() < 1e-4
+
+
+def planted_dense_for_noise(n):
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen(1), dtype=F64))
+    lam = torch.cat([torch.tensor([30.0, 20.0, 10.0], dtype=F64),
+                     torch.rand(n - 3, generator=gen(2), dtype=F64)])
+    return Q @ torch.diag(lam) @ Q.T

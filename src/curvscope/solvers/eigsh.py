@@ -141,8 +141,9 @@ def eigsh(
             (use ``atol = 1e-4 * ||A||`` for eigenvalues near zero, where a relative tolerance
             asks for more than the spectrum's scale can give).
         max_iters: maximum number of restarts.
-        block_size: ``b``, columns per product (default ``min(k, 8)``); larger blocks make fewer,
-            wider products, which is faster on a GPU.
+        block_size: ``b``, columns per product (default ``min(k, 8)`` on accelerators, where a
+            batched product of ``b`` columns costs far less than ``b`` products, and 1 on CPUs,
+            where it does not and single-vector Lanczos needs fewer products).
         num_vectors: basis size before a restart (default ``max(2k + 2b, 20)``, capped at ``n``).
         v0: warm start ``[n]`` or ``[n, j]`` (e.g. eigenvectors of a previous step).
         generator: explicit randomness for the start block.
@@ -170,7 +171,10 @@ def eigsh(
     tol = _default_tol(A.dtype) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}.")
-    b = min(k, 8) if block_size is None else block_size
+    if block_size is None:  # CPU: columns cost the same batched or not, so fewer products win
+        b = 1 if A.device.type == "cpu" else min(k, 8)
+    else:
+        b = block_size
     if not isinstance(b, int) or not 1 <= b <= n:
         raise ValueError(f"block_size must be an int in [1, n={n}], got {block_size!r}.")
     m = max(2 * k + 2 * b, 20) if num_vectors is None else num_vectors
@@ -209,6 +213,8 @@ def eigsh(
         if generator is not None:
             generator.set_state(state["generator"])
         counted.num_matvecs, counted.num_products = state["num_matvecs"], state["num_products"]
+    history: list[float] = []
+    stagnated = False
     while True:
         while Q.shape[1] < m and X.shape[1] > 0 and not (check_early and Q.shape[1] >= k):
             # whole blocks only (the basis may pass m by less than b): a truncated block would
@@ -234,6 +240,12 @@ def eigsh(
         floor = math.sqrt(torch.finfo(dtype).eps) * float(anorm)  # |l| below this counts as 0
         converged = res <= torch.clamp(tol * torch.clamp(theta_w.abs(), min=floor), min=atol)
         done = bool(converged.all()) or Q.shape[1] >= n
+        worst = float((res / torch.clamp(tol * torch.clamp(theta_w.abs(), min=floor),
+                                         min=max(atol, 1e-300))).max())
+        history.append(worst)
+        if _stagnated(history):
+            stagnated = True
+            break
         if check_early and not done:
             check_early = False  # not yet: expand the basis as usual, no restart
             continue
@@ -246,16 +258,36 @@ def eigsh(
         # X (the next Krylov block) is orthogonal to the old basis, hence to the kept Ritz vectors
     result = EigenResult(theta_w, Y, res, converged, "lanczos", which, tol, restarts,
                          counted.cost())
-    return _finish(result, strict)
+    return _finish(result, strict, stagnated)
 
 
-def _finish(result: EigenResult, strict: bool) -> EigenResult:
+STAGNATION_WINDOW = 8
+
+
+def _stagnated(history: list[float]) -> bool:
+    """No progress: the worst residual (in units of its tolerance) of the last
+    ``STAGNATION_WINDOW`` restarts is no better than 0.9 x the best before them.
+
+    This happens when the tolerance is below what the operator's precision allows (e.g. 1e-6 for
+    float32 products, whose own rounding noise is about that size).
+    """
+    w = STAGNATION_WINDOW
+    if len(history) < 2 * w:
+        return False
+    return min(history[-w:]) > 0.9 * min(history[:-w])
+
+
+def _finish(result: EigenResult, strict: bool, stagnated: bool = False) -> EigenResult:
     if result.all_converged:
         return result
     bad = int((~result.converged).sum())
+    why = (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
+           "probably below the precision of the products (use a larger tol, or float64 via "
+           "Problem(accumulate_dtype=torch.float64) and a float64 model)"
+           if stagnated else f"in {result.num_iters} iterations; raise max_iters or tol")
     message = (f"{result.method}: {bad} of {result.k} eigenpairs did not reach the relative "
-               f"residual {result.tol:g} in {result.num_iters} iterations (worst "
-               f"{float(result.relative_residuals.max()):.2e}); raise max_iters or tol.")
+               f"residual {result.tol:g} (worst {float(result.relative_residuals.max()):.2e}); "
+               f"{why}.")
     if strict:
         raise ConvergenceError(message, result)
     warnings.warn(message, ConvergenceWarning, stacklevel=3)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from curvscope._diagnostics import Cost, Counted
 from curvscope.estimators._probes import DISTRIBUTIONS, check_generator, random_probes
+from curvscope.estimators.stats import student_t_quantile
 from curvscope.linops._base import LinearOperator
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,20 @@ class TraceEstimate:
             out["samples"] = self.samples.detach().to("cpu", torch.float64).tolist()
         return out
 
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Confidence interval ``value +- t_{p-1} * std_error`` (Student t over the ``p``
+        samples behind the standard error; ``level`` 0.95 or 0.99). This is the error bar.
+        """
+        half = student_t_quantile(level, self.num_probes - 1) * self.std_error
+        if self.std_error == 0:
+            half = 0.0
+        return self.value - half, self.value + half
+
     def __str__(self) -> str:
         label = _LABELS.get(self.method, "tr")
-        return (f"{label} = {self.value:.6g} ± {self.std_error:.2g} "
-                f"({self.method}, {self.cost.num_matvecs} products)")
+        lo, hi = self.interval(0.95)
+        return (f"{label} = {self.value:.6g} ± {self.std_error:.2g} (95% interval [{lo:.6g}, "
+                f"{hi:.6g}]; {self.method}, {self.cost.num_matvecs} products)")
 
 
 # --------------------------------------------------------------------------- validation helpers

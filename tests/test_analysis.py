@@ -148,6 +148,21 @@ def test_gram_counts_weights_vectors_projections(case):
     assert rel_err(cls.means_gram(), brute.means @ brute.means.T) < RTOL
 
 
+def test_term_operator_and_within_class_spectrum(case):
+    """G - term_operator("class") is the within-class scatter; its top eigenvalues by eigsh."""
+    _, problem, brute, _, cls = case
+    low = cls.term_operator("class")
+    assert rel_err(low.to_dense(), brute.term("class")) < RTOL
+    within = cs.GGNOperator(problem) - low
+    assert rel_err(within.to_dense(), brute.within()) < RTOL
+    k = 3
+    res = cs.eigsh(within, k, tol=1e-10, generator=_gen(0))
+    expected = torch.linalg.eigvalsh(brute.within()).flip(0)[:k]
+    assert rel_err(res.eigenvalues, expected) < 1e-8
+    with pytest.raises(ValueError, match="keep_vectors=True"):
+        class_structure(problem).term_operator("class")
+
+
 def test_chunked_pairs_and_auto_mode_agree(case):
     _, problem, brute, _, _ = case
     for kw in ({"chunk_size": 2}, {"chunk_size": 1}, {}):

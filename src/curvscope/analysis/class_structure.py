@@ -48,6 +48,7 @@ from curvscope._checkpoint import Checkpointer, tensor_digest
 from curvscope._diagnostics import Cost, CostMeter
 from curvscope.curvature._losses import recognise_loss
 from curvscope.curvature._problem import Problem
+from curvscope.linops._structured import LowRankOperator
 
 TERMS = ("G0", "G1", "G2", "G12", "class")
 MODES = ("auto", "exact", "sketch")
@@ -151,6 +152,24 @@ class ClassStructure:
         UtQ = self.projections.to(torch.float64) @ M @ W[:, :r] / lam[:r].sqrt()
         k = self.projections.shape[0]
         return float((UtQ**2).sum() / min(k, r))
+
+    def term_operator(self, term: str, *, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> LowRankOperator:
+        """``term`` as a low-rank operator ``Q diag(Lambda) Q^T`` (needs the kept vectors).
+
+        ``Q = Delta M W Lambda^{-1/2}`` from the term's Gram eigenpairs; e.g.
+        ``GGNOperator(problem) - cs.term_operator("class")`` is the within-class scatter.
+        """
+        if self.vectors is None:
+            raise ValueError("term_operator needs the class-pair vectors: call class_structure("
+                             "..., mode='exact', keep_vectors=True).")
+        M = self.combination(term)
+        lam, W = torch.linalg.eigh(_sym(M.T @ self.gram @ M))
+        keep = lam > lam.max().clamp_min(1e-300) * 1e-12
+        lam, W = lam[keep], W[:, keep]
+        Q = self.vectors.to(torch.float64) @ (M @ W / lam.sqrt())
+        return LowRankOperator(Q.to(dtype=dtype or torch.float64, device=device or "cpu"),
+                               lam.to(dtype=dtype or torch.float64, device=device or "cpu"))
 
     def means_gram(self) -> Tensor:
         """``[C, C]`` Gram matrix of the class means ``delta_c``."""

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class SpectrumAnalysis:
     classes: ClassStructure | None
     class_overlaps: dict[str, float] = field(default_factory=dict)
     class_outliers: dict[str, int] = field(default_factory=dict)
+    class_within: dict[str, Any] = field(default_factory=dict)
 
     def trace(self) -> tuple[float, float]:
         """``tr H`` from the density (``n * mean sum tau theta``) and its standard error."""
@@ -221,10 +223,13 @@ def analyze(
         classes = num_classes is not None
     if classes and num_classes:
         r = max(split.count, 1)
-        cls = class_structure(problem, eigenvectors=_vectors(top, r), mode=class_mode, seed=seed)
+        cls = class_structure(problem, eigenvectors=_vectors(top, r), mode=class_mode, seed=seed,
+                              keep_vectors=True)
         for term in ("G1", "G12", "G0", "G2"):
             overlaps[term] = cls.overlap_with(term, rank=r)
             explains[term] = int((cls.spectrum(term) > split.bulk_edge).sum())
+        within = _within_class(problem, cls, ggn_density, gen(8))
+        cls = dataclasses.replace(cls, vectors=None)  # C^2 P numbers: not kept in the result
         emit("classes", cls)
     info = {
         "num_params": P, "num_data": problem.num_data, "num_classes": num_classes,
@@ -234,7 +239,34 @@ def analyze(
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
                             None if ggn_top is None else _host(ggn_top), ggn_density,
-                            residual_density, overlap, cls, overlaps, explains)
+                            residual_density, overlap, cls, overlaps, explains,
+                            within if cls is not None else {})
+
+
+def _within_class(problem: Problem, cls: ClassStructure, ggn_density: SpectralDensity | None,
+                  generator: torch.Generator) -> dict[str, Any]:
+    """Top eigenvalues and trace of the within-class scatter ``G - G_class`` (Papyan's
+    ``G_within``): exactly by Lanczos on ``GGN - Q diag(L) Q^T`` when the class-pair vectors are
+    known (exact mode), the trace only otherwise.
+    """
+    out: dict[str, Any] = {}
+    if ggn_density is not None:
+        tr_g, se = ggn_density.trace_function(lambda t: t)
+        out["trace"] = tr_g - cls.trace("class")
+        out["trace_std_error"] = se
+    if cls.vectors is not None:
+        low = cls.term_operator("class", dtype=problem.accumulate_dtype, device=problem.device)
+        op = GGNOperator(problem) - low
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = eigsh(op, min(cls.num_classes, problem.num_params), which="LA", tol=1e-4,
+                        generator=generator, max_iters=50)
+        out["top_eigenvalues"] = res.eigenvalues.detach().cpu().tolist()
+        out["residual_norms"] = res.residual_norms.detach().cpu().tolist()
+        out["method"] = "eigsh on G - G_class (exact class-pair vectors)"
+    else:
+        out["method"] = "trace only: tr G (SLQ) - tr G_class (sketched Gram)"
+    return out
 
 
 def _num_classes(problem: Problem) -> int | None:

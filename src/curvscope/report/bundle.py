@@ -433,6 +433,7 @@ def bundle_dict(
                                                                               arrays)
     parts["class_overlaps"] = dict(analysis.class_overlaps)
     parts["class_outliers"] = dict(analysis.class_outliers)
+    parts["class_within"] = dict(analysis.class_within)
     info = analysis.info
     cost = _total_cost(analysis)
     prov = _provenance()
@@ -705,6 +706,7 @@ def load_bundle(path: str | os.PathLike[str]) -> LoadedBundle:
             None if overlap is None else float(overlap), classes,
             {k: float(v) for k, v in parts.get("class_overlaps", {}).items()},
             {k: int(v) for k, v in parts.get("class_outliers", {}).items()},
+            dict(parts.get("class_within", {})),
         )
     except KeyError as err:
         raise BundleError(f"{npz_path} lacks the array {err}; the bundle is corrupted.") from err

@@ -308,6 +308,10 @@ def plot_class_structure(analysis: SpectrumAnalysis) -> Figure:
         ax.plot(np.arange(1, spec.size + 1), spec, marker=marker, ms=4, lw=0.8, color=color,
                 label=f"{lab}{extra}")
         shown_max = max(shown_max, spec.size)
+    within = [v for v in analysis.class_within.get("top_eigenvalues", []) if v > tiny]
+    if within:
+        ax.plot(np.arange(1, len(within) + 1), within, marker="x", ms=5, lw=0.8, color="0.35",
+                label="within-class G - G_class")
     ax.axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
                label=f"H bulk edge {_fmt(split.bulk_edge)}")
     ax.set_yscale("log")

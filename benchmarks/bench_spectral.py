@@ -635,7 +635,7 @@ def all_cells(args: argparse.Namespace) -> list[Cell]:
     he_tuned = dict(max_iter=args.he_max_iter, which="LA", reorthogonalize=True, tol=1e-6)
     cells = [
         # ---- curvscope
-        Cell("curvscope", "top10", f"eigsh LA, tol {CS_TOL:g} (block Lanczos, b=8)", "cs_topk",
+        Cell("curvscope", "top10", f"eigsh LA, tol {CS_TOL:g} (thick-restart Lanczos, default block)", "cs_topk",
              role="main", summary=True),
         Cell("curvscope", "top10", "eigsh LA, tol 1e-4 (attainable in float32)", "cs_topk",
              {"tol": 1e-4}, role="variant", only_dtype="float32", summary=True),

@@ -442,3 +442,26 @@ def test_to_scipy_products():
     expected = dense_hessian(*_dense_args(tp))
     top = sla.eigsh(H.to_scipy(), k=3, which="LA", return_eigenvectors=False)
     assert rel_err(torch.tensor(sorted(top)), torch.linalg.eigvalsh(expected)[-3:]) < 1e-10
+
+
+def test_out_of_memory_shrinks_columns_then_splits_batches(monkeypatch):
+    """Simulated OOM for more than 2 columns or more than 2 examples: the product still equals
+    the dense one (column chunks, then batch halves with weights n_s / N)."""
+    tp = tiny_mlp("classification", batch_sizes=(6, 5, 2))
+    H = cs.HessianOperator(_problem(tp), engine="double_backward")
+    real = cs.HessianOperator._batch_product
+
+    def limited(self, ctx, V):
+        k = next(iter(V.values())).shape[0]
+        if k > 2 or ctx.batch.size > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, ctx, V)
+
+    monkeypatch.setattr(cs.HessianOperator, "_batch_product", limited)
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = H @ V
+    assert H.chunk_size == 1  # columns shrink first (5 -> 2 -> 1), then the batches split
+    assert rel_err(out, dense_hessian(*_dense_args(tp)) @ V) < RTOL
+    Hb = cs.HessianOperator(_problem(tiny_cnn(), mode="batch_stats"))
+    with pytest.raises(RuntimeError, match="forbids splitting"):
+        Hb @ torch.zeros(Hb.shape[0], dtype=torch.float64)

@@ -70,6 +70,14 @@ def _is_missing_autodiff_rule(err: BaseException) -> bool:
     return any(phrase in text for phrase in _MISSING_RULE_PHRASES)
 
 
+class _OneColumnTooLargeError(Exception):
+    """Out of memory with a single column: the batch must be split; ``column`` is where."""
+
+    def __init__(self, column: int) -> None:
+        super().__init__(f"out of memory at column {column} with a single column")
+        self.column = column
+
+
 class _BatchContext:
     """What the kernels share on one batch: parameters, forward closure, cached linearisation."""
 
@@ -229,8 +237,7 @@ class CurvatureOperator(LinearOperator):
         frozen = problem.frozen_parameters(params)
         with problem.model_context(), torch.enable_grad():
             for batch in problem.batches():
-                ctx = _BatchContext(problem, batch, params, frozen, self._engine_flags)
-                self._accumulate(ctx, kernels, Xp, out)
+                self._accumulate_batch(batch, params, frozen, kernels, Xp, out)
         problem.all_reduce(out)
         for coef, op in kernels:
             extra = op._correction(X)
@@ -240,10 +247,29 @@ class CurvatureOperator(LinearOperator):
         self.num_data_passes += 1
         return out
 
+    def _accumulate_batch(self, batch: Batch, params: dict[str, Tensor],
+                          frozen: dict[str, Tensor],
+                          kernels: list[tuple[float, CurvatureOperator]], Xp: Tensor,
+                          out: Tensor, first_column: int = 0) -> None:
+        """One batch; when even a single column runs out of memory, the batch is split in two
+        (exact for per-example losses in eval mode: the halves' weights add up) and retried.
+        """
+        ctx = _BatchContext(self.problem, batch, params, frozen, self._engine_flags)
+        try:
+            self._accumulate(ctx, kernels, Xp, out, first_column)
+        except _OneColumnTooLargeError as err:
+            halves = self.problem.split_batch(batch)  # raises when splitting would be wrong
+            logger.warning("out of memory on a batch of %d examples with one column; splitting "
+                           "it into %d + %d", batch.size, halves[0].size, halves[1].size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for half in halves:  # columns before err.column are already in `out`
+                self._accumulate_batch(half, params, frozen, kernels, Xp, out, err.column)
+
     def _accumulate(self, ctx: _BatchContext, kernels: list[tuple[float, CurvatureOperator]],
-                    Xp: Tensor, out: Tensor) -> None:
+                    Xp: Tensor, out: Tensor, first_column: int = 0) -> None:
         """Add this batch's ``A_b X`` to ``out``, column chunk by column chunk."""
-        k, start = Xp.shape[1], 0
+        k, start = Xp.shape[1], first_column
         while start < k:
             size = min(self.chunk_size or k, k - start)
             V = self.param_space.split(Xp[:, start : start + size])
@@ -252,9 +278,9 @@ class CurvatureOperator(LinearOperator):
                 for coef, op in kernels:
                     part = self.param_space.join(op._batch_product(ctx, V), batched=True)
                     total = coef * part if total is None else total.add_(part, alpha=coef)
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as err:
                 if size == 1:
-                    raise
+                    raise _OneColumnTooLargeError(start) from err
                 self.chunk_size = max(1, size // 2)
                 logger.warning("out of memory with %d columns at once; retrying with %d",
                                size, self.chunk_size)

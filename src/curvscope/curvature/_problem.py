@@ -370,6 +370,44 @@ class Problem:
             weight = n / self._num_data if self.reduction == "mean" else 1.0
             yield Batch(i, inputs, target, n, weight)
 
+    def split_batch(self, batch: Batch) -> tuple[Batch, Batch]:
+        """Split a batch into two halves whose weighted losses add up to the batch's.
+
+        ``w_b l_b = (n_1 / N) l_1 + (n_2 / N) l_2`` for a per-example mean (``1`` for sum), exact
+        in ``eval`` mode. With ``mode="batch_stats"`` BatchNorm normalises with each batch's
+        statistics, so a split changes the matrix: that raises instead.
+
+        Raises:
+            RuntimeError: the batch cannot be split exactly (one example, or batch statistics).
+        """
+        if self.mode == "batch_stats":
+            raise RuntimeError(
+                "out of memory on one batch with a single column, and mode='batch_stats' forbids "
+                "splitting it (BatchNorm statistics depend on the batch); use smaller batches."
+            )
+        n = batch.size
+        first = _first_dim(batch.target)
+        if n < 2 or first is None:
+            raise RuntimeError(
+                f"out of memory on a batch of {n} example(s) with a single column; the model is "
+                "too large for this device: use a larger device or fewer parameters."
+            )
+        cut = first // 2
+
+        def part(sl: slice) -> tuple[Any, Any]:
+            def take(t: Tensor) -> Tensor:
+                return t[sl] if t.ndim and t.shape[0] == first else t
+
+            return _map_tensors(batch.inputs, take), _map_tensors(batch.target, take)
+
+        halves = []
+        for sl in (slice(0, cut), slice(cut, first)):
+            inputs, target = part(sl)
+            size = self.batch_size_fn(target)
+            weight = size / self._num_data if self.reduction == "mean" else 1.0
+            halves.append(Batch(batch.index, inputs, target, size, weight))
+        return halves[0], halves[1]
+
     def _check_placement(self, inputs: Any, target: Any, index: int) -> None:
         for where, obj in (("inputs", inputs), ("target", target)):
             for t in _tensors(obj):
@@ -555,6 +593,12 @@ class Problem:
             causes.append("randomness inside the model or the data pipeline (random "
                           "augmentation, sampling, non-deterministic kernels)")
         return causes
+
+
+def _first_dim(target: Any) -> int | None:
+    for t in _tensors(target):
+        return int(t.shape[0]) if t.ndim else None
+    return None
 
 
 def _first_line(err: BaseException) -> str:

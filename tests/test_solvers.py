@@ -421,6 +421,8 @@ def test_lanczos_host_basis_equals_device_basis(reorth):
     torch.testing.assert_close(host.alpha, dev.alpha, rtol=0, atol=1e-13)
     torch.testing.assert_close(host.beta, dev.beta, rtol=0, atol=1e-13)
     torch.testing.assert_close(host.basis, dev.basis, rtol=0, atol=1e-13)
+    disk = lanczos(A, 40, reorth=reorth, basis="disk", num_probes=2, generator=gen(24))
+    assert torch.equal(disk.alpha, host.alpha) and torch.equal(disk.basis, host.basis)
     if reorth == "none":
         none = lanczos(A, 40, reorth="none", basis="none", num_probes=2, generator=gen(24))
         torch.testing.assert_close(none.alpha, dev.alpha, rtol=0, atol=1e-13)

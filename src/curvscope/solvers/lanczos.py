@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from curvscope.linops._base import LinearOperator
 from curvscope.solvers._results import LanczosResult
 
 REORTH = ("full", "partial", "none")
-BASIS = ("device", "host", "none")
+BASIS = ("device", "host", "disk", "none")
 
 
 def check_symmetric(A: object, who: str) -> None:
@@ -117,7 +118,8 @@ def lanczos(
         num_probes: ``p`` when ``v0`` is not given.
         reorth: ``"full"``, ``"partial"`` or ``"none"`` (see the module docstring).
         basis: where the Lanczos vectors live: ``"device"`` (the operator's), ``"host"`` (CPU
-            memory, pinned on CUDA) or ``"none"`` (discarded; only with ``reorth="none"``).
+            memory, pinned on CUDA), ``"disk"`` (a memory-mapped temporary file, for bases larger
+            than memory) or ``"none"`` (discarded; only with ``reorth="none"``).
         distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         generator: explicit randomness.
         checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomically);
@@ -266,6 +268,11 @@ class _BasisStore:
         elif where == "host":
             pin = device.type == "cuda"
             self.data = torch.empty(p, m, n, dtype=dtype, device="cpu", pin_memory=pin)
+        elif where == "disk":  # a temporary file, deleted when the tensor is freed
+            self._file = tempfile.NamedTemporaryFile(prefix="curvscope-lanczos-", suffix=".bin")
+            numel = p * m * n
+            self.data = torch.from_file(self._file.name, shared=True, size=numel,
+                                        dtype=dtype).view(p, m, n)
 
     def put(self, j: int, V: Tensor) -> None:
         if self.data is not None:

@@ -620,7 +620,7 @@ def test_lanczos_argument_errors():
     with pytest.raises(ValueError, match="reorth must be one of"):
         lanczos(SYM, 3, reorth="selective")
     with pytest.raises(ValueError, match="basis must be one of"):
-        lanczos(SYM, 3, basis="disk")
+        lanczos(SYM, 3, basis="tape")
     for reorth in ("full", "partial"):
         with pytest.raises(ValueError, match="needs the Lanczos vectors"):
             lanczos(SYM, 3, reorth=reorth, basis="none")

@@ -95,3 +95,12 @@ class Counted(CostMeter):
     def __matmul__(self, X: Tensor) -> Tensor:
         self.add(1 if X.ndim == 1 else X.shape[1])
         return self.A @ X
+
+    def matmat_blocked(self, X: Tensor, block_size: int | None) -> Tensor:
+        """``A @ X`` with at most ``block_size`` columns per product (all at once for ``None``):
+        bounds the memory of a wide product at the cost of more passes over the data.
+        """
+        k = X.shape[1]
+        if block_size is None or k <= block_size:
+            return self @ X
+        return torch.cat([self @ X[:, i : i + block_size] for i in range(0, k, block_size)], 1)

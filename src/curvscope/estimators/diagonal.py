@@ -20,7 +20,6 @@ from curvscope.estimators.trace import (
     _check_blocks,
     _num_test_vectors,
     _validate,
-    apply_blocked,
     leave_one_out_directions,
     orthonormal_basis,
     probes_for,
@@ -146,7 +145,7 @@ def hutchinson_diagonal(
     A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
     counted = Counted(A)
     Z = probes_for(A, m, distribution, generator)
-    return _estimate(Z * apply_blocked(counted, Z, block_size), "hutchinson", counted)
+    return _estimate(Z * counted.matmat_blocked(Z, block_size), "hutchinson", counted)
 
 
 def xdiag(
@@ -211,9 +210,9 @@ def xdiag(
     k = _num_test_vectors(m, A.shape[0], who)
     counted = Counted(A)
     Omega = probes_for(A, k, "rademacher", generator)
-    Y = apply_blocked(counted, Omega, block_size)
+    Y = counted.matmat_blocked(Omega, block_size)
     Q, R = orthonormal_basis(Y)
-    Z = apply_blocked(counted, Q, block_size)
+    Z = counted.matmat_blocked(Q, block_size)
     S = leave_one_out_directions(R)
     T = Z.T @ Omega                                  # Q^T A Omega
     QS, ZS = Q @ S, Z @ S

@@ -147,12 +147,6 @@ def check_distribution(distribution: object, who: str,
     return str(distribution)
 
 
-def apply_blocked(counted: Counted, X: Tensor, block_size: int | None) -> Tensor:
-    """``A @ X`` through ``counted``, at most ``block_size`` columns per product call."""
-    k = X.shape[1]
-    if block_size is None or k <= block_size:
-        return counted @ X
-    return torch.cat([counted @ X[:, i : i + block_size] for i in range(0, k, block_size)], dim=1)
 
 
 def probes_for(A: LinearOperator, k: int, distribution: str,
@@ -243,7 +237,7 @@ def hutchinson_trace(
     A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
     counted = Counted(A)
     Z = probes_for(A, m, distribution, generator)
-    samples = (Z * apply_blocked(counted, Z, block_size)).sum(0)
+    samples = (Z * counted.matmat_blocked(Z, block_size)).sum(0)
     return _estimate(samples, "hutchinson", counted)
 
 
@@ -291,7 +285,7 @@ def hutchinson_frobenius(
     who = "hutchinson_frobenius"
     A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
     counted = Counted(A)
-    AZ = apply_blocked(counted, probes_for(A, m, distribution, generator), block_size)
+    AZ = counted.matmat_blocked(probes_for(A, m, distribution, generator), block_size)
     return _estimate((AZ * AZ).sum(0), "frobenius_squared", counted)
 
 
@@ -350,7 +344,7 @@ def hutchinson_block_traces(
     ranges = _check_blocks(blocks, A.shape[0], who)
     counted = Counted(A)
     Z = probes_for(A, m, distribution, generator)
-    prods = Z * apply_blocked(counted, Z, block_size)
+    prods = Z * counted.matmat_blocked(Z, block_size)
     cost = counted.cost()
     out = {}
     for name, (start, stop) in ranges.items():
@@ -436,11 +430,11 @@ def hutchpp_trace(
     counted = Counted(A)
     s = min(math.ceil(m / 3), (m - 1) // 2)
     S = probes_for(A, s, distribution, generator)
-    Q, _ = orthonormal_basis(apply_blocked(counted, S, block_size))
+    Q, _ = orthonormal_basis(counted.matmat_blocked(S, block_size))
     q = Q.shape[1]
     G = probes_for(A, m - s - q, distribution, generator)
     G = G - Q @ (Q.T @ G)
-    AX = apply_blocked(counted, torch.cat([Q, G], dim=1), block_size)
+    AX = counted.matmat_blocked(torch.cat([Q, G], dim=1), block_size)
     exact = (Q * AX[:, :q]).sum()
     samples = exact + (G * AX[:, q:]).sum(0)
     return _estimate(samples, "hutchpp", counted)
@@ -533,9 +527,9 @@ def xtrace(
     k = _num_test_vectors(m, A.shape[0], who)
     counted = Counted(A)
     Omega = probes_for(A, k, distribution, generator)
-    Y = apply_blocked(counted, Omega, block_size)
+    Y = counted.matmat_blocked(Omega, block_size)
     Q, R = orthonormal_basis(Y)
-    Z = apply_blocked(counted, Q, block_size)
+    Z = counted.matmat_blocked(Q, block_size)
     H = Q.T @ Z
     S = leave_one_out_directions(R)
     W = Q.T @ Omega

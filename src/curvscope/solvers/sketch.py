@@ -32,14 +32,6 @@ from curvscope.solvers.eigsh import WHICH, select
 from curvscope.solvers.lanczos import check_symmetric
 
 
-def _apply_blocked(counted: Counted, X: Tensor, block_size: int | None) -> Tensor:
-    """``A @ X`` in column blocks of ``block_size`` (all at once when ``None``)."""
-    if block_size is None or block_size >= X.shape[1]:
-        return counted @ X
-    return torch.cat([counted @ X[:, i : i + block_size]
-                      for i in range(0, X.shape[1], block_size)], dim=1)
-
-
 class _StagedProducts:
     """The sketch's sequence of blocked products ``A @ X_s``, resumable block by block.
 
@@ -105,7 +97,7 @@ def _aposteriori_error(counted: Counted, U: Tensor, theta: Tensor, num_test: int
         return None
     G = random_probes(U.shape[0], num_test, distribution="gaussian", dtype=U.dtype,
                       device=U.device, generator=generator)
-    E = _apply_blocked(counted, G, block_size) - U @ (theta.unsqueeze(1) * (U.T @ G))
+    E = counted.matmat_blocked(G, block_size) - U @ (theta.unsqueeze(1) * (U.T @ G))
     return float((E.norm(dim=0) ** 2).mean().sqrt())
 
 
@@ -234,7 +226,7 @@ def nystrom_eigh(
     n, dtype, device = counted.A.shape[0], counted.A.dtype, counted.A.device
     Omega, _ = torch.linalg.qr(random_probes(n, width, distribution="gaussian", dtype=dtype,
                                              device=device, generator=generator))
-    Y = _apply_blocked(counted, Omega, block_size)
+    Y = counted.matmat_blocked(Omega, block_size)
     nu = torch.finfo(dtype).eps * float(Y.norm())
     Y_nu = Y + nu * Omega
     core = Omega.T @ Y_nu
@@ -252,7 +244,7 @@ def nystrom_eigh(
         U_all, sigma, _ = torch.linalg.svd(B, full_matrices=False)
         lam = torch.clamp(sigma**2 - nu, min=0.0)
     U, theta = U_all[:, :k], lam[:k]
-    AU = _apply_blocked(counted, U, block_size)
+    AU = counted.matmat_blocked(U, block_size)
     res = (AU - U * theta).norm(dim=0)
     tol = torch.finfo(dtype).eps ** 0.5
     converged = res <= tol * theta.abs()

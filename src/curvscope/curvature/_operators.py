@@ -354,10 +354,11 @@ class HessianOperator(CurvatureOperator):
         params: a block of the Problem's parameters (default: all of them).
         engine: ``"forward_over_reverse"`` (``torch.func`` jvp of the gradient, vmapped over the
             columns), ``"double_backward"`` (autograd: one forward and backward per batch, then a
-            batched backward over the columns), or ``"auto"`` (default: double-backward for a
-            single column, where it is about 2x a gradient against 3-5x for an un-batched jvp,
-            forward-over-reverse for several, where vmapping makes each column cheaper than a
-            gradient). The engines are cross-checked in the tests.
+            batched backward over the columns), or ``"auto"`` (default: double-backward with the
+            first backward's graph reused column by column for one column or on a CPU, where each
+            column then costs about one gradient; the vmapped forward-over-reverse for several
+            columns on an accelerator, where a batch of columns costs less than a gradient each).
+            The engines are cross-checked in the tests.
         chunk_size: columns per vmapped call (default: all; halves on out-of-memory).
     """
 
@@ -376,24 +377,35 @@ class HessianOperator(CurvatureOperator):
     def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         k = next(iter(V.values())).shape[0]
         engine = self.active_engine
-        if engine == "auto":  # one column: plain double-backward (no vmap); several: vmapped jvp
-            engine = "double_backward" if k == 1 else "forward_over_reverse"
+        if engine == "auto":
+            # one column, or a CPU: double-backward, reusing the first backward's graph for every
+            # column (about one gradient per column on a CPU); several columns on an
+            # accelerator: the vmapped jvp, where a batch of columns costs less than a gradient
+            if k == 1 or ctx.problem.device.type == "cpu":
+                return self._double_backward(ctx, V, loop=True)
+            return self._forward_over_reverse_or_fallback(ctx, V)
         if engine == "forward_over_reverse":
-            try:
-                grad_fn = grad(ctx.loss)
-                return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
-            except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
-                if not _is_missing_autodiff_rule(err):
-                    raise
-                warnings.warn(
-                    f"the forward-over-reverse Hessian engine failed ({_first_line(err)}); "
-                    "using engine='double_backward' for this operator from now on.",
-                    EngineFallbackWarning, stacklevel=2,
-                )
-                self._engine_flags["hessian_double_backward"] = True
+            return self._forward_over_reverse_or_fallback(ctx, V)
         return self._double_backward(ctx, V)
 
-    def _double_backward(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _forward_over_reverse_or_fallback(self, ctx: _BatchContext,
+                                          V: dict[str, Tensor]) -> dict[str, Tensor]:
+        try:
+            grad_fn = grad(ctx.loss)
+            return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
+        except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
+            if not _is_missing_autodiff_rule(err):
+                raise
+            warnings.warn(
+                f"the forward-over-reverse Hessian engine failed ({_first_line(err)}); "
+                "using engine='double_backward' for this operator from now on.",
+                EngineFallbackWarning, stacklevel=2,
+            )
+            self._engine_flags["hessian_double_backward"] = True
+        return self._double_backward(ctx, V)
+
+    def _double_backward(self, ctx: _BatchContext, V: dict[str, Tensor],
+                         loop: bool = False) -> dict[str, Tensor]:
         if "db" not in ctx.cache:
             leaves = {n: p.detach().requires_grad_(True) for n, p in ctx.params.items()}
             grads = torch.autograd.grad(ctx.loss(leaves), list(leaves.values()),
@@ -409,11 +421,12 @@ class HessianOperator(CurvatureOperator):
         outputs = [grads[i] for i in live]
         tangents = [V[names[i]] for i in live]
         res: Sequence[Tensor]
-        if k == 1:
-            single = torch.autograd.grad(outputs, list(leaves.values()),
-                                         grad_outputs=[t[0] for t in tangents], retain_graph=True,
-                                         allow_unused=True, materialize_grads=True)
-            return {n: r.detach().unsqueeze(0) for n, r in zip(names, single)}
+        if k == 1 or loop:
+            cols = [torch.autograd.grad(outputs, list(leaves.values()),
+                                        grad_outputs=[t[j] for t in tangents], retain_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+                    for j in range(k)]
+            return {n: torch.stack([c[i].detach() for c in cols]) for i, n in enumerate(names)}
         try:
             res = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs=tangents,
                                       retain_graph=True, allow_unused=True,

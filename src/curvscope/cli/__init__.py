@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="SLQ probes x Lanczos steps: small 4x40, default 10x80, large 20x150")
         p.add_argument("-k", type=int, default=None, help="top eigenpairs (default 2C + 10)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice; 1 is fastest for "
+                       "small models on a busy machine)")
         p.add_argument("--strict", action="store_true",
                        help="exit 1 when an eigensolver did not converge")
 
@@ -314,6 +317,14 @@ COMMANDS = {"demo": _demo, "run": _run, "report": _report, "compare": _compare}
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"curvscope {args.command}: error: --threads must be at least 1, got "
+                  f"{args.threads}.", file=sys.stderr)
+            return EXIT_USAGE
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except UsageError as err:

@@ -326,7 +326,7 @@ def _seeded_global(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------- curvscope
-def _cs_operator(ctx: CellContext, engine: str = "forward_over_reverse") -> Any:
+def _cs_operator(ctx: CellContext, engine: str = "auto") -> Any:
     import curvscope as cs
 
     problem = cs.Problem(ctx.model, ctx.loss_fn, ctx.batches)
@@ -350,7 +350,7 @@ def _capture_warnings() -> contextlib.AbstractContextManager:
     return warnings.catch_warnings(record=True)
 
 
-def cs_topk(ctx: CellContext, tol: float = CS_TOL, engine: str = "forward_over_reverse",
+def cs_topk(ctx: CellContext, tol: float = CS_TOL, engine: str = "auto",
             block_size: int | None = None) -> dict[str, Any]:
     from curvscope.solvers import eigsh
 
@@ -378,7 +378,7 @@ def cs_trace(ctx: CellContext, method: str = "hutchpp") -> dict[str, Any]:
             "lib": {**est.cost.to_dict(), "std_error": float(est.std_error)}}
 
 
-def cs_density(ctx: CellContext, engine: str = "forward_over_reverse") -> dict[str, Any]:
+def cs_density(ctx: CellContext, engine: str = "auto") -> dict[str, Any]:
     from curvscope.estimators import slq
 
     H = _cs_operator(ctx, engine)

@@ -23,11 +23,14 @@ def compute(problem):
                     generator=torch.Generator().manual_seed(0))
     top = cs.eigsh(H, 5, generator=torch.Generator().manual_seed(1))
     density = cs.slq(H, 3, 20, generator=torch.Generator().manual_seed(2))
+    sharded = cs.lanczos(H, 25, num_probes=2, basis="sharded", reorth="full",
+                         generator=torch.Generator().manual_seed(4))
     loss, grad = problem.loss_and_gradient()
     return {
         "HV": H @ V, "GV": G @ V, "covV": cs.GradientCovarianceOperator(problem) @ V,
         "top": top.eigenvalues, "nodes": density.nodes, "weights": density.weights,
         "loss": loss, "grad": grad, "num_data": problem.num_data,
+        "sharded_alpha": sharded.alpha, "sharded_beta": sharded.beta,
         "gram": class_structure(problem).gram,
     }
 

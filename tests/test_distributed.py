@@ -58,13 +58,13 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("key", ["HV", "GV", "covV", "top", "loss", "grad", "gram", "nodes",
-                                 "weights"])
+                                 "weights", "sharded_alpha", "sharded_beta"])
 def test_two_ranks_equal_one_process(two_ranks, one_process, key):
     assert two_ranks[0]["num_data"] == one_process["num_data"] == 19
     assert _rel(two_ranks[0][key], one_process[key]) < RTOL
 
 
-@pytest.mark.parametrize("key", ["HV", "top", "nodes", "weights"])
+@pytest.mark.parametrize("key", ["HV", "top", "nodes", "weights", "sharded_alpha"])
 def test_krylov_scalars_agree_on_every_rank(two_ranks, key):
     assert torch.equal(two_ranks[0][key], two_ranks[1][key])
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from curvscope import distributed
 from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
 from curvscope.estimators._probes import check_generator, random_probes
@@ -39,7 +40,7 @@ from curvscope.linops._base import LinearOperator
 from curvscope.solvers._results import LanczosResult
 
 REORTH = ("full", "partial", "none")
-BASIS = ("device", "host", "disk", "none")
+BASIS = ("device", "host", "disk", "sharded", "none")
 
 
 def check_symmetric(A: object, who: str) -> None:
@@ -119,7 +120,9 @@ def lanczos(
         reorth: ``"full"``, ``"partial"`` or ``"none"`` (see the module docstring).
         basis: where the Lanczos vectors live: ``"device"`` (the operator's), ``"host"`` (CPU
             memory, pinned on CUDA), ``"disk"`` (a memory-mapped temporary file, for bases larger
-            than memory) or ``"none"`` (discarded; only with ``reorth="none"``).
+            than memory), ``"sharded"`` (under ``torch.distributed``: each rank keeps a
+            ``1/W`` slice of the coordinates; the Gram-Schmidt coefficients are all-reduced; the
+            basis is not returned) or ``"none"`` (discarded; only with ``reorth="none"``).
         distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         generator: explicit randomness.
         checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomically);
@@ -201,14 +204,14 @@ def lanczos(
         a = (V * W).sum(0)
         W = W - V * a - V_prev * beta_prev
         if reorth == "full":
-            W = _project_out(W, store.view(j + 1))
+            W = store.project_out(W, j + 1)
         b = W.norm(dim=0)
         scale = torch.maximum(scale, a.abs() + b + beta_prev)
         if omega is not None:
             alpha[j] = a
             need = omega.advance(j, alpha, beta, b, scale)
             if need is not None:
-                W = _project_out(W, store.view(j + 1), need.to(W.dtype))
+                W = store.project_out(W, j + 1, need.to(W.dtype))
                 b = W.norm(dim=0)
         alpha[j] = a
         V_next, b = _next_vector(W, b, scale, eps, store, j + 1, reorth, generator)
@@ -251,7 +254,7 @@ def _next_vector(W: Tensor, b: Tensor, scale: Tensor, eps: float, store: _BasisS
         return V, b
     fresh = random_probes(W.shape[0], W.shape[1], distribution="gaussian", dtype=W.dtype,
                           device=W.device, generator=generator)
-    fresh = _project_out(fresh, store.view(j))
+    fresh = store.project_out(fresh, j)
     fresh = fresh / fresh.norm(dim=0).clamp_min(tiny)
     return V + fresh * (1 - keep), b
 
@@ -263,7 +266,13 @@ class _BasisStore:
                  where: str) -> None:
         self.where, self.capacity = where, m
         self.data: Tensor | None = None
-        if where == "device":
+        self.lo, self.hi = 0, n
+        if where == "sharded":  # this rank's slice of the coordinates
+            rank, size = distributed.world()
+            bounds = [round(i * n / size) for i in range(size + 1)]
+            self.lo, self.hi = bounds[rank], bounds[rank + 1]
+            self.data = torch.empty(p, m, self.hi - self.lo, dtype=dtype, device=device)
+        elif where == "device":
             self.data = torch.empty(p, m, n, dtype=dtype, device=device)
         elif where == "host":
             pin = device.type == "cuda"
@@ -276,14 +285,30 @@ class _BasisStore:
 
     def put(self, j: int, V: Tensor) -> None:
         if self.data is not None:
-            self.data[:, j].copy_(V.T, non_blocking=True)
+            self.data[:, j].copy_(V[self.lo : self.hi].T, non_blocking=True)
 
     def view(self, j: int) -> Tensor:
         assert self.data is not None
         return self.data[:, :j]
 
+    def project_out(self, W: Tensor, j: int, mask: Tensor | None = None) -> Tensor:
+        """CGS2 of ``W [n, p]`` against the first ``j`` basis vectors of each probe."""
+        if self.where != "sharded":
+            return _project_out(W, self.view(j), mask)
+        assert self.data is not None
+        Q = self.data[:, :j]
+        local = W[self.lo : self.hi]
+        for _ in range(2):  # coefficients from all-reduced partial dot products
+            coeffs = distributed.all_reduce_sum(torch.einsum("pjn,np->pj", Q, local))
+            if mask is not None:
+                coeffs = coeffs * mask.unsqueeze(1)
+            local = local - torch.einsum("pjn,pj->np", Q, coeffs)
+        full = torch.zeros_like(W)  # every rank's slice, summed into the whole vector
+        full[self.lo : self.hi] = local
+        return distributed.all_reduce_sum(full)
+
     def result(self) -> Tensor | None:
-        return self.data
+        return None if self.where == "sharded" else self.data
 
 
 class _Omega:

@@ -10,9 +10,16 @@ import torch
 
 import curvscope as cs
 from curvscope.estimators import SpectralDensity, random_probes, slq
-from curvscope.linops import SYMMETRIC, DenseOperator, DiagonalOperator, LinearOperator
+from curvscope.linops import DenseOperator, DiagonalOperator
 from curvscope.solvers import eigsh, lanczos
-from curvscope.testing import dense_ggn, dense_hessian, tiny_cnn, tiny_mlp
+from curvscope.testing import (
+    PlantedOperator,
+    dense_ggn,
+    dense_hessian,
+    planted_matrix,
+    tiny_cnn,
+    tiny_mlp,
+)
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -22,32 +29,8 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-class PlantedOperator(LinearOperator):
-    """Matrix-free ``A = H diag(l) H^T``, ``H`` a product of random Householder reflections."""
-
-    def __init__(self, eigenvalues, *, num_reflections=3, seed=0):
-        l = eigenvalues.to(F64)
-        super().__init__((l.numel(), l.numel()), dtype=F64, device="cpu", tags={SYMMETRIC})
-        U = torch.randn(l.numel(), num_reflections, generator=gen(1000 + seed), dtype=F64)
-        self.U = U / U.norm(dim=0)
-        self.eigenvalues = l
-
-    def _reflect(self, X, order):
-        for i in order:
-            u = self.U[:, i : i + 1]
-            X = X - 2 * u @ (u.T @ X)
-        return X
-
-    def _matmat(self, X):
-        Y = self._reflect(X, range(self.U.shape[1]))
-        return self._reflect(self.eigenvalues.unsqueeze(1) * Y, reversed(range(self.U.shape[1])))
-
-
 def dense_planted(eigenvalues, seed=0):
-    n = eigenvalues.numel()
-    Q = torch.linalg.qr(torch.randn(n, n, generator=gen(seed), dtype=F64))[0]
-    M = (Q * eigenvalues.to(F64)) @ Q.T
-    return (M + M.T) / 2
+    return planted_matrix(eigenvalues, seed)
 
 
 def indefinite(n=120, seed=0):

@@ -19,7 +19,6 @@ from curvscope.linops import (
     SYMMETRIC,
     DenseOperator,
     DiagonalOperator,
-    LinearOperator,
     LowRankOperator,
 )
 from curvscope.solvers import (
@@ -32,7 +31,14 @@ from curvscope.solvers import (
     subspace_iteration,
 )
 from curvscope.solvers.sketch import nystrom_eigh, sketch_eigh
-from curvscope.testing import dense_ggn, dense_hessian, tiny_cnn, tiny_mlp
+from curvscope.testing import (
+    PlantedOperator,
+    dense_ggn,
+    dense_hessian,
+    planted_matrix,
+    tiny_cnn,
+    tiny_mlp,
+)
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -44,46 +50,9 @@ def gen(seed):
 
 
 # ----------------------------------------------------------------------------- planted spectra
-class PlantedOperator(LinearOperator):
-    """Matrix-free ``A = H diag(l) H^T`` with ``H = H_1 ... H_r`` a product of random Householder
-    reflections ``H_i = I - 2 u_i u_i^T``: any spectrum ``l`` at ``O(n r)`` per column, so
-    ``n = 10^5`` needs no ``n x n`` matrix. Eigenvectors: ``H e_i``.
-    """
-
-    def __init__(self, eigenvalues, *, num_reflections=3, seed=0, psd=None):
-        l = eigenvalues.to(F64)
-        psd = bool((l >= 0).all()) if psd is None else psd
-        tags = {SYMMETRIC} | ({PSD} if psd else set())
-        super().__init__((l.numel(), l.numel()), dtype=F64, device="cpu", tags=tags)
-        U = torch.randn(l.numel(), num_reflections, generator=gen(1000 + seed), dtype=F64)
-        self.U = U / U.norm(dim=0)
-        self.eigenvalues = l
-
-    def _reflect(self, X, order):
-        for i in order:
-            u = self.U[:, i : i + 1]
-            X = X - 2 * u @ (u.T @ X)
-        return X
-
-    def apply_H(self, X):
-        return self._reflect(X, reversed(range(self.U.shape[1])))
-
-    def _matmat(self, X):
-        Y = self._reflect(X, range(self.U.shape[1]))  # H^T X
-        return self.apply_H(self.eigenvalues.unsqueeze(1) * Y)
-
-    def eigenvectors(self, index):
-        E = torch.zeros(self.shape[0], len(index), dtype=F64)
-        E[torch.as_tensor(index), torch.arange(len(index))] = 1.0
-        return self.apply_H(E)
-
-
 def dense_planted(eigenvalues, seed=0):
     """``Q diag(l) Q^T`` with a Haar-random orthogonal ``Q`` (dense, for small ``n``)."""
-    n = eigenvalues.numel()
-    Q = torch.linalg.qr(torch.randn(n, n, generator=gen(seed), dtype=F64))[0]
-    M = (Q * eigenvalues.to(F64)) @ Q.T
-    return DenseOperator((M + M.T) / 2)
+    return DenseOperator(planted_matrix(eigenvalues, seed))
 
 
 def spectrum(kind, n, seed=0):

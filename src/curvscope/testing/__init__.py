@@ -21,6 +21,7 @@ from .problems import (
     tiny_hf_model,
     tiny_mlp,
 )
+from .spectra import PlantedOperator, planted_matrix
 
 __all__ = [
     "flat_params",
@@ -33,6 +34,8 @@ __all__ = [
     "per_example_gradients",
     "dense_empirical_fisher",
     "dense_gradient_covariance",
+    "PlantedOperator",
+    "planted_matrix",
     "TinyProblem",
     "TinyHFOutput",
     "TinyHFClassifier",

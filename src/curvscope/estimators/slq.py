@@ -38,7 +38,7 @@ from torch import Tensor
 from curvscope._diagnostics import Cost
 from curvscope.linops._base import SYMMETRIC, LinearOperator
 from curvscope.solvers._results import EigenResult
-from curvscope.solvers.lanczos import check_symmetric, lanczos, start_vectors
+from curvscope.solvers.lanczos import cgs2, check_symmetric, lanczos, start_vectors
 
 DEFAULT_KAPPA = 3.0
 DEFAULT_MARGIN = 0.05
@@ -237,9 +237,7 @@ class _ComplementOperator(LinearOperator):
         self.A, self.V = A, V
 
     def project(self, X: Tensor) -> Tensor:
-        for _ in range(2):
-            X = X - self.V @ (self.V.T @ X)
-        return X
+        return cgs2(X, self.V)
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.project(self.A @ self.project(X))

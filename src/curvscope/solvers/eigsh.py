@@ -35,7 +35,7 @@ from curvscope._diagnostics import Counted
 from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.linops._base import LinearOperator
 from curvscope.solvers._results import ConvergenceWarning, EigenResult
-from curvscope.solvers.lanczos import check_symmetric
+from curvscope.solvers.lanczos import cgs2, check_symmetric
 
 WHICH = ("LA", "SA", "LM", "BE")
 #: Operators up to this size get a full basis by default (exact after one cycle).
@@ -88,7 +88,7 @@ def _orthonormalize(X: Tensor, Q: Tensor, generator: torch.Generator | None) -> 
     """Orthonormal columns spanning ``X`` minus its part in ``span(Q)``; rank-deficient columns
     are replaced by random directions orthogonal to ``Q`` and to the others.
     """
-    X = _cgs2(X, Q)
+    X = cgs2(X, Q)
     Qx, R = torch.linalg.qr(X)
     diag = R.diagonal().abs()
     scale = X.norm(dim=0).max().clamp_min(torch.finfo(X.dtype).tiny)
@@ -97,19 +97,10 @@ def _orthonormalize(X: Tensor, Q: Tensor, generator: torch.Generator | None) -> 
         fresh = random_probes(X.shape[0], int(weak.sum()), distribution="gaussian",
                               dtype=X.dtype, device=X.device, generator=generator)
         keep = Qx[:, ~weak]
-        fresh = _cgs2(_cgs2(fresh, Q), keep)
+        fresh = cgs2(cgs2(fresh, Q), keep)
         Qf, _ = torch.linalg.qr(fresh)
         Qx = torch.cat([keep, Qf], dim=1)
-    return _cgs2(Qx, Q)
-
-
-def _cgs2(X: Tensor, Q: Tensor) -> Tensor:
-    """``X - Q (Q^T X)``, twice (classical Gram-Schmidt, reiterated)."""
-    if Q.shape[1] == 0:
-        return X
-    for _ in range(2):
-        X = X - Q @ (Q.T @ X)
-    return X
+    return cgs2(Qx, Q)
 
 
 def eigsh(
@@ -317,7 +308,7 @@ def power_iteration(
     V = torch.zeros(n, 0, dtype=A.dtype, device=A.device)
     vals, res_list, conv, iters = [], [], [], 0
     for _ in range(k):
-        v = _cgs2(random_probes(n, 1, distribution="gaussian", dtype=A.dtype, device=A.device,
+        v = cgs2(random_probes(n, 1, distribution="gaussian", dtype=A.dtype, device=A.device,
                                 generator=generator), V)
         v = v / v.norm()
         lam, r = torch.zeros((), dtype=A.dtype), torch.full((), float("inf"), dtype=A.dtype)
@@ -328,7 +319,7 @@ def power_iteration(
             r = (w - lam * v).norm()
             if bool(r <= tol * lam.abs()):
                 break
-            w = _cgs2(w, V)
+            w = cgs2(w, V)
             v = w / w.norm().clamp_min(torch.finfo(A.dtype).tiny)
         vals.append(lam)
         res_list.append(r)

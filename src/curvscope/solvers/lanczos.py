@@ -79,6 +79,17 @@ def start_vectors(A: LinearOperator, v0: Tensor | None, num_probes: int, distrib
     return V.to(dtype=A.dtype, device=A.device)
 
 
+def cgs2(X: Tensor, Q: Tensor) -> Tensor:
+    """``X - Q (Q^T X)``, twice (classical Gram-Schmidt, reiterated): ``X [n, k]`` made
+    orthogonal to the orthonormal columns of ``Q [n, j]`` to working precision.
+    """
+    if Q.shape[1] == 0:
+        return X
+    for _ in range(2):
+        X = X - Q @ (Q.T @ X)
+    return X
+
+
 def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None) -> Tensor:
     """CGS2: ``W[:, l] -= Q_l (Q_l^T W[:, l])`` twice, for every probe ``l`` at once.
 

@@ -70,6 +70,16 @@ def _is_missing_autodiff_rule(err: BaseException) -> bool:
     return any(phrase in text for phrase in _MISSING_RULE_PHRASES)
 
 
+def _fall_back(err: Exception, what: str, instead: str) -> None:
+    """Re-raise ``err`` unless it is a missing autodiff rule; otherwise warn that curvscope
+    switches engine (the caller records the switch).
+    """
+    if not _is_missing_autodiff_rule(err):
+        raise err
+    warnings.warn(f"{what} ({_first_line(err)}); {instead}.", EngineFallbackWarning,
+                  stacklevel=3)
+
+
 class _OneColumnTooLargeError(Exception):
     """Out of memory with a single column: the batch must be split; ``column`` is where."""
 
@@ -112,13 +122,8 @@ class _BatchContext:
             try:
                 return vmap(lambda v: jvp(self.output, (self.params,), (v,))[1])(V)
             except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
-                if not _is_missing_autodiff_rule(err):
-                    raise
-                warnings.warn(
-                    f"forward-mode AD failed on this model ({_first_line(err)}); computing "
-                    "Jacobian products with the double-vjp trick in reverse mode instead.",
-                    EngineFallbackWarning, stacklevel=2,
-                )
+                _fall_back(err, "forward-mode AD failed on this model", "computing Jacobian "
+                           "products with the double-vjp trick in reverse mode instead")
                 self.problem_flags["reverse_jacobian"] = True
         return self._jacobian_product_reverse(V)
 
@@ -394,13 +399,8 @@ class HessianOperator(CurvatureOperator):
             grad_fn = grad(ctx.loss)
             return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
         except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
-            if not _is_missing_autodiff_rule(err):
-                raise
-            warnings.warn(
-                f"the forward-over-reverse Hessian engine failed ({_first_line(err)}); "
-                "using engine='double_backward' for this operator from now on.",
-                EngineFallbackWarning, stacklevel=2,
-            )
+            _fall_back(err, "the forward-over-reverse Hessian engine failed",
+                       "using engine='double_backward' for this operator from now on")
             self._engine_flags["hessian_double_backward"] = True
         return self._double_backward(ctx, V)
 

@@ -5,6 +5,7 @@ The key scientific check: the trained Gaussian-mixture MLP (Sagun et al. 2017) s
 picture, about C outliers of the Hessian well separated from the bulk.
 """
 
+import math
 import sys
 import warnings
 
@@ -24,6 +25,7 @@ QUICK = {
     "digits_cnn": dict(steps=5),
     "synthetic_images_cnn": dict(n_per_class=10, n_test_per_class=5, steps=5),
     "char_transformer": dict(steps=5),
+    "synthetic_images_resnet18": dict(n=40, batch_size=16, width=4, size=16),
 }
 NEEDS_SKLEARN = {"digits_mlp", "digits_cnn"}
 
@@ -118,6 +120,7 @@ SYMMETRY = [
     ("digits_cnn", {}, 1e-4),
     ("synthetic_images_cnn", {}, 1e-4),
     ("char_transformer", {}, 1e-4),
+    ("synthetic_images_resnet18", dict(n=64, batch_size=32, width=8), 1e-4),
 ]
 
 
@@ -282,7 +285,8 @@ def test_zen_of_python_is_read_without_printing(capsys):
 
 def test_registry():
     assert set(zoo.PROBLEMS) == {"gaussian_mixture", "digits_mlp", "digits_cnn",
-                                 "synthetic_images_cnn", "char_transformer"}
+                                 "synthetic_images_cnn", "char_transformer",
+                                 "synthetic_images_resnet18"}
     avail = zoo.available()
     assert set(avail) == set(zoo.PROBLEMS) and all(isinstance(v, bool) for v in avail.values())
     assert avail["gaussian_mixture"] and avail["char_transformer"]
@@ -339,3 +343,46 @@ def test_problem_without_test_data_raises():
     held = zoo.char_transformer(steps=1, test_fraction=0.1)
     assert held.test_batches and held.test_loss > 0 and held.num_train < zp.num_train
     assert held.problem(test=True).num_data == sum(len(y) for _, y in held.test_batches)
+
+
+# ------------------------------------------------------------------ ResNet-18 (workload W1)
+
+
+@pytest.mark.parametrize("C, params", [(10, 11_181_642), (1000, 11_689_512)])
+def test_resnet18_has_torchvisions_parameter_count_and_layout(C, params):
+    """11,689,512 is torchvision's published ResNet-18 size (ImageNet head); 11,181,642 with 10
+    classes is the W1 figure in shared/bench/baselines.md."""
+    m = zoo.resnet18(C)
+    assert sum(p.numel() for p in m.parameters()) == params
+    sd = m.state_dict()
+    assert len(sd) == 122  # 62 parameters + 20 BatchNorms x 3 buffers
+    assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+    assert sd["fc.weight"].shape == (C, 512) and "conv1.bias" not in sd
+
+
+def test_resnet18_equals_torchvision():
+    """Same names, same forward, same initialisation for the same seed (where torchvision is)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    ref = tv.models.resnet18(num_classes=10).eval()
+    torch.manual_seed(0)
+    ours = zoo.resnet18(10).eval()
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ref(x), ours(x))
+
+
+def test_resnet_width_scales_parameters_quadratically():
+    counts = [sum(p.numel() for p in zoo.resnet18(10, width=w).parameters()) for w in (16, 32)]
+    assert 3.9 < counts[1] / counts[0] < 4.0
+
+
+def test_w1_problem_is_the_documented_workload():
+    zp = zoo.synthetic_images_resnet18(n=48, batch_size=20, width=4, size=8)
+    assert [len(y) for _, y in zp.batches] == [20, 20, 8]
+    assert zp.input_shape == (3, 8, 8) and not zp.model.training
+    counts = torch.bincount(torch.cat([y for _, y in zp.batches]), minlength=10)
+    assert counts.min() >= 4 and counts.max() <= 5  # balanced classes
+    assert abs(zp.train_loss - math.log(10)) < 1.5  # at initialisation: about log C

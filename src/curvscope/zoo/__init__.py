@@ -13,6 +13,9 @@ name                          params   data and model
 ``digits_cnn``                1,946    scikit-learn's 8x8 digits; CNN with BatchNorm
 ``synthetic_images_cnn``      2,746    shifted class patterns + noise, 1x12x12; CNN with BN
 ``char_transformer``          12,557   Zen of Python, next character; 1-layer transformer
+``synthetic_images_resnet18`` 11.2M    workload W1: torchvision's ResNet-18 (written here, no
+                                       torchvision needed) at initialisation, 2048 synthetic
+                                       3x32x32 images; not trained (seconds to build)
 ============================  =======  ====================================================
 
 The digits problems need scikit-learn (``pip install 'curvscope[zoo]'``); :func:`available`
@@ -43,11 +46,13 @@ from curvscope.zoo._char_transformer import (
 )
 from curvscope.zoo._digits import digits_cnn, digits_mlp, load_digits_tensors
 from curvscope.zoo._gaussian_mixture import gaussian_mixture
+from curvscope.zoo._resnet import ResNet, resnet18, synthetic_images_resnet18
 from curvscope.zoo._synthetic_images import synthetic_images_cnn
 
 __all__ = [
     "PROBLEMS",
     "CharTransformer",
+    "ResNet",
     "SequenceCrossEntropy",
     "ZooProblem",
     "available",
@@ -57,7 +62,9 @@ __all__ = [
     "gaussian_mixture",
     "load",
     "load_digits_tensors",
+    "resnet18",
     "synthetic_images_cnn",
+    "synthetic_images_resnet18",
     "zen_of_python",
 ]
 
@@ -68,6 +75,7 @@ PROBLEMS: dict[str, Callable[..., ZooProblem]] = {
     "digits_cnn": digits_cnn,
     "synthetic_images_cnn": synthetic_images_cnn,
     "char_transformer": char_transformer,
+    "synthetic_images_resnet18": synthetic_images_resnet18,
 }
 
 #: Optional dependencies: problem name -> (import name, the extra that installs it).

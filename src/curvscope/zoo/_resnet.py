@@ -66,13 +66,11 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        c = width
-        for i, blocks in enumerate(layers):
-            c_out = width * 2**i
-            stage = [BasicBlock(c, c_out, 1 if i == 0 else 2)]
-            stage += [BasicBlock(c_out, c_out) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-            c = c_out
+        self.layer1 = self._stage(width, width, layers[0], 1)
+        self.layer2 = self._stage(width, 2 * width, layers[1], 2)
+        self.layer3 = self._stage(2 * width, 4 * width, layers[2], 2)
+        self.layer4 = self._stage(4 * width, 8 * width, layers[3], 2)
+        c = 8 * width
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(c, num_classes)
         for m in self.modules():
@@ -81,6 +79,11 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _stage(c_in: int, c_out: int, blocks: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(BasicBlock(c_in, c_out, stride),
+                             *(BasicBlock(c_out, c_out) for _ in range(blocks - 1)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

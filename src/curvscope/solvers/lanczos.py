@@ -90,20 +90,36 @@ def cgs2(X: Tensor, Q: Tensor) -> Tensor:
     return X
 
 
-def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None) -> Tensor:
+#: Bytes of an off-device (host or disk) basis moved to the device at a time during CGS2.
+STREAM_BYTES = 256 * 2**20
+
+
+def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None,
+                 chunk: int | None = None) -> Tensor:
     """CGS2: ``W[:, l] -= Q_l (Q_l^T W[:, l])`` twice, for every probe ``l`` at once.
 
-    ``Q`` is ``[p, j, n]`` (any device; moved in one piece), ``W`` is ``[n, p]``; ``mask`` ``[p]``
-    restricts the update to some probes.
+    ``Q`` is ``[p, j, n]``, ``W`` is ``[n, p]``; ``mask`` ``[p]`` restricts the update to some
+    probes. With ``chunk``, ``Q`` may live anywhere (pinned host memory, a memory-mapped file)
+    and is streamed to ``W``'s device ``chunk`` vectors at a time: classical Gram-Schmidt's
+    coefficients ``Q^T W`` and its update ``Q c`` are both sums over chunks, so the device never
+    holds more than ``W`` and one chunk (four passes over the basis per call instead of two).
     """
-    if Q.shape[1] == 0:
+    j = Q.shape[1]
+    if j == 0:
         return W
-    Qd = Q.to(W.device, non_blocking=True)
+    if chunk is None or chunk >= j:
+        Qd = Q.to(W.device, non_blocking=True)
+        pieces = [(0, Qd)]
+    else:
+        pieces = [(s, Q[:, s : s + chunk]) for s in range(0, j, chunk)]
     for _ in range(2):
-        coeffs = torch.einsum("pjn,np->pj", Qd, W)
+        coeffs = torch.cat([torch.einsum("pjn,np->pj", Qc.to(W.device, non_blocking=True), W)
+                            for _, Qc in pieces], 1)
         if mask is not None:
             coeffs = coeffs * mask.unsqueeze(1)
-        W = W - torch.einsum("pjn,pj->np", Qd, coeffs)
+        for s, Qc in pieces:
+            Qc = Qc.to(W.device, non_blocking=True)
+            W = W - torch.einsum("pjn,pj->np", Qc, coeffs[:, s : s + Qc.shape[1]])
     return W
 
 
@@ -304,6 +320,10 @@ class _BasisStore:
 
     def project_out(self, W: Tensor, j: int, mask: Tensor | None = None) -> Tensor:
         """CGS2 of ``W [n, p]`` against the first ``j`` basis vectors of each probe."""
+        if self.where in ("host", "disk"):  # streamed: the device holds one chunk at a time
+            assert self.data is not None
+            row_bytes = self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+            return _project_out(W, self.view(j), mask, chunk=max(1, STREAM_BYTES // row_bytes))
         if self.where != "sharded":
             return _project_out(W, self.view(j), mask)
         assert self.data is not None

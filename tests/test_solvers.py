@@ -203,6 +203,75 @@ def test_sketch_eigh_without_power_iterations_is_honest():
     assert (better.residual_norms < res.residual_norms).all()
 
 
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_sketch_eigh_off_device_storage_streams_and_agrees(monkeypatch, storage):
+    """Host / disk tall matrices, streamed in small row blocks, give the device answer."""
+    import importlib
+
+    tall = importlib.import_module("curvscope.solvers._tall")
+    A = OPERATORS["free3000"]("separated")
+    l = spectrum("separated", A.shape[0])
+    dev = sketch_eigh(A, 5, which="LA", num_power_iters=8, block_size=5, generator=gen(31))
+    monkeypatch.setattr(tall, "STREAM_BYTES", 8 * 16 * 100)  # 100 rows of all 15 columns
+    blocks = []
+    rows = tall.TallMatrix._rows
+
+    def recording(self):
+        out = rows(self)
+        blocks.append(8 * self.cols * max(r.stop - r.start for r in out))
+        return out
+
+    monkeypatch.setattr(tall.TallMatrix, "_rows", recording)
+    off = sketch_eigh(A, 5, which="LA", num_power_iters=8, block_size=5, generator=gen(31),
+                      storage=storage)
+    assert max(blocks) <= 8 * 16 * 100 and len(blocks) > 10  # float64 bytes per row block
+    check_certified(A, off, expected(l, 5, "LA"), anorm=50.0)
+    torch.testing.assert_close(off.eigenvalues, dev.eigenvalues, rtol=1e-13, atol=0)
+    signs = torch.sign((off.eigenvectors * dev.eigenvectors).sum(0))
+    torch.testing.assert_close(off.eigenvectors * signs, dev.eigenvectors, rtol=0, atol=1e-10)
+    assert off.cost.num_matvecs == dev.cost.num_matvecs == 10 * 15 + 10
+    assert abs(off.error_estimate - dev.error_estimate) <= 1e-10 * dev.error_estimate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("cond", [1e2, 1e6])
+def test_orthonormalize_ill_conditioned_tall_matrix(dtype, cond):
+    """SVQB on float64 Gram matrices: orthonormal to working precision and the same range, even
+    at condition numbers where CholeskyQR in the storage precision breaks down."""
+    from curvscope.solvers._tall import TallMatrix
+    from curvscope.solvers.sketch import orthonormalize_
+
+    n, w = 500, 12
+    U = torch.linalg.qr(torch.randn(n, w, generator=gen(1), dtype=F64))[0]
+    V = torch.linalg.qr(torch.randn(w, w, generator=gen(2), dtype=F64))[0]
+    Y = U @ torch.diag(torch.logspace(0, -math.log10(cond), w, dtype=F64)) @ V.T
+    X = TallMatrix(n, w, dtype, torch.device("cpu"))
+    X.set_columns(0, Y.to(dtype))
+    orthonormalize_(X, gen(3))
+    Q = X.view().to(F64)
+    eps = torch.finfo(dtype).eps
+    assert (Q.T @ Q - torch.eye(w, dtype=F64)).abs().max() <= 20 * eps
+    # the range is kept: every direction of Y to within its precision relative to its size
+    assert (U - Q @ (Q.T @ U)).norm() <= 1e2 * eps * cond
+
+
+def test_orthonormalize_refills_missing_directions():
+    """A rank-3 input of 8 columns: the 3 directions are kept, 5 fresh ones complete the basis."""
+    from curvscope.solvers._tall import TallMatrix
+    from curvscope.solvers.sketch import orthonormalize_
+
+    n = 300
+    B = torch.randn(n, 3, generator=gen(4), dtype=F64)
+    Y = torch.cat([B, B @ torch.randn(3, 4, generator=gen(5), dtype=F64),
+                   torch.zeros(n, 1, dtype=F64)], 1)
+    X = TallMatrix(n, 8, F64, torch.device("cpu"))
+    X.set_columns(0, Y)
+    orthonormalize_(X, gen(6))
+    Q = X.view()
+    assert (Q.T @ Q - torch.eye(8, dtype=F64)).abs().max() <= 1e-14
+    assert (B - Q @ (Q.T @ B)).norm() <= 1e-12 * B.norm()
+
+
 def _psd_decaying(n, seed):
     l = torch.zeros(n, dtype=F64)
     l[:30] = 100.0 * 0.1 ** torch.arange(30, dtype=F64)  # 100, 10, 1, ..., below eps * 100

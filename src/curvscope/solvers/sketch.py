@@ -28,50 +28,90 @@ from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
 from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.solvers._results import EigenResult
+from curvscope.solvers._tall import STORAGE, TallMatrix, sync
 from curvscope.solvers.eigsh import WHICH, select
 from curvscope.solvers.lanczos import check_symmetric
 
 
-class _StagedProducts:
-    """The sketch's sequence of blocked products ``A @ X_s``, resumable block by block.
+class _InPlaceProducts:
+    """The sketch's product stages ``X <- A X`` (in place, column block by column block), and
+    its last stage ``Z = A X``, resumable block by block.
 
-    A checkpoint holds the stage in progress, its finished columns, and the output of the last
-    finished stage; every later stage's input is a deterministic function of that output, so a
-    resumed run skips the finished stages (returning placeholders the caller discards) and redoes
-    only the missing columns.
+    A checkpoint holds the stage in progress, how many of its columns are done, the tall
+    matrices as they are (finished columns hold products, the rest their inputs), the
+    generator's state and the counters; the orthonormalisations between stages are
+    deterministic functions of that, so a resumed run redoes nothing but the missing columns.
     """
 
-    def __init__(self, counted: Counted, block_size: int | None, ckpt: Checkpointer) -> None:
-        self.counted, self.block_size, self.ckpt = counted, block_size, ckpt
+    def __init__(self, counted: Counted, block_size: int | None, ckpt: Checkpointer,
+                 generator: torch.Generator | None) -> None:
+        self.counted, self.block_size, self.ckpt, self.generator = (counted, block_size, ckpt,
+                                                                    generator)
         self.saved = ckpt.load() or {}
         self.stage = 0
-        self.last_output: Tensor | None = None
-        if self.saved:
-            counted.num_matvecs = self.saved["num_matvecs"]
-            counted.num_products = self.saved["num_products"]
 
-    def __call__(self, X: Tensor) -> Tensor:
+    def restore(self, X: TallMatrix, Z: TallMatrix | None) -> bool:
+        """Load a checkpoint's matrices into ``X`` / ``Z``; whether there was one."""
+        if not self.saved:
+            return False
+        X.data.copy_(self.saved["X"])
+        if Z is not None and self.saved.get("Z") is not None:
+            Z.data.copy_(self.saved["Z"])
+        self.counted.num_matvecs = self.saved["num_matvecs"]
+        self.counted.num_products = self.saved["num_products"]
+        if self.generator is not None:
+            self.generator.set_state(self.saved["generator"])
+        return True
+
+    def __call__(self, X: TallMatrix, out: TallMatrix) -> None:
+        """``out <- A X`` column block by column block (``out`` may be ``X``)."""
         stage = self.stage
         self.stage += 1
-        saved_stage = self.saved.get("stage", 0)
-        if stage < saved_stage - 1:
-            return torch.zeros_like(X)  # a finished stage whose output is not needed any more
-        if stage == saved_stage - 1:
-            return self.saved["previous"].to(X.device)
-        done = self.saved["partial"].to(X.device) if stage == saved_stage and self.saved else \
-            X.new_zeros(X.shape[0], 0)
-        width = self.block_size or X.shape[1]
-        parts = [done]
-        for i in range(done.shape[1], X.shape[1], width):
-            parts.append(self.counted @ X[:, i : i + width])
+        saved_stage = self.saved.get("stage", -1)
+        if stage < saved_stage:
+            return  # finished before the checkpoint: its result is in the restored matrices
+        start = self.saved["done"] if stage == saved_stage else 0
+        width = self.block_size or X.cols
+        for i in range(start, X.cols, width):
+            stop = min(i + width, X.cols)
+            out.set_columns(i, self.counted @ X.columns(i, stop))
             if self.ckpt.due(self.counted.num_products):
-                self.ckpt.save({"stage": stage, "partial": torch.cat(parts, 1).cpu(),
-                                "previous": self.last_output,
-                                "num_matvecs": self.counted.num_matvecs,
-                                "num_products": self.counted.num_products})
-        out = torch.cat(parts, 1)
-        self.last_output = out.cpu()
-        return out
+                sync(X.device)
+                self.ckpt.save({
+                    "stage": stage, "done": stop, "X": X.data.cpu(),
+                    "Z": None if out is X else out.data.cpu(),
+                    "generator": None if self.generator is None else self.generator.get_state(),
+                    "num_matvecs": self.counted.num_matvecs,
+                    "num_products": self.counted.num_products})
+
+
+def orthonormalize_(X: TallMatrix, generator: torch.Generator | None, passes: int = 2) -> None:
+    """Orthonormal columns in place, by SVQB (Stathopoulos & Wu 2002) on the float64 Gram matrix.
+
+    ``D = diag(X^T X)^{-1/2}``, ``D X^T X D = W diag(lam) W^T``, ``X <- X D W diag(lam)^{-1/2}``,
+    repeated (``passes``: twice is enough, as for CholeskyQR2). Directions with
+    ``lam <= l * max(eps^2, eps_64) * max(lam)`` are numerically absent (the operator has rank
+    below ``l``, or ``X`` is rounding noise there); they are refilled with fresh Gaussian vectors
+    and the refill is orthonormalised by one more pass, the way Householder QR completes a
+    basis. The Gram matrix and the update are computed in float64 over streamed row blocks, so
+    ``X`` may be far larger than the device.
+    """
+    floor = X.cols * max(torch.finfo(X.dtype).eps ** 2, torch.finfo(torch.float64).eps)
+    todo = passes
+    while todo > 0:
+        G = X.gram()
+        d = torch.diagonal(G)
+        scale = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
+        lam, W = torch.linalg.eigh(scale[:, None] * G * scale[None, :])
+        absent = lam <= floor * lam.max().clamp_min(torch.finfo(torch.float64).tiny)
+        T = scale[:, None] * W / lam.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        T[:, absent] = 0.0
+        X.right_multiply_(T)
+        todo -= 1
+        refill = torch.nonzero(absent).flatten().tolist()
+        if refill:
+            X.fill_gaussian(refill, generator)
+            todo = max(todo, 2)
 
 
 def _check_sketch_args(A: object, k: int, oversample: int, block_size: int | None,
@@ -90,15 +130,20 @@ def _check_sketch_args(A: object, k: int, oversample: int, block_size: int | Non
     return min(k + oversample, n)
 
 
-def _aposteriori_error(counted: Counted, U: Tensor, theta: Tensor, num_test: int,
+def _aposteriori_error(counted: Counted, U: Tensor | TallMatrix, theta: Tensor, num_test: int,
                        block_size: int | None, generator: torch.Generator | None) -> float | None:
     """``sqrt(mean_j ||(A - U diag(theta) U^T) g_j||^2)``: an estimate of ``||A - A_hat||_F``."""
     if num_test == 0:
         return None
-    G = random_probes(U.shape[0], num_test, distribution="gaussian", dtype=U.dtype,
-                      device=U.device, generator=generator)
-    E = counted.matmat_blocked(G, block_size) - U @ (theta.unsqueeze(1) * (U.T @ G))
-    return float((E.norm(dim=0) ** 2).mean().sqrt())
+    n, dtype, device = counted.A.shape[0], counted.A.dtype, counted.A.device
+    G = random_probes(n, num_test, distribution="gaussian", dtype=dtype, device=device,
+                      generator=generator)
+    AG = counted.matmat_blocked(G, block_size)
+    if isinstance(U, TallMatrix):
+        approx = U.matmul(theta.to(torch.float64).unsqueeze(1) * U.t_matmul(G)).to(dtype)
+    else:
+        approx = U @ (theta.unsqueeze(1) * (U.T @ G))
+    return float(((AG - approx).norm(dim=0) ** 2).mean().sqrt())
 
 
 def sketch_eigh(
@@ -113,6 +158,7 @@ def sketch_eigh(
     generator: torch.Generator | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
+    storage: str = "device",
 ) -> EigenResult:
     """``k`` eigenpairs from a randomised range finder with power iterations (HMT).
 
@@ -129,6 +175,15 @@ def sketch_eigh(
         checkpoint: file to save the measurements to every ``checkpoint_every`` products; a
             rerun resumes where the last one stopped (see :func:`~curvscope.eigsh`).
         checkpoint_every: products between saves.
+        storage: where the two ``n x (k + oversample)`` matrices live: ``"device"`` (the
+            operator's), ``"host"`` (CPU memory, pinned on CUDA) or ``"disk"`` (memory-mapped
+            temporary files). Off the device, they are streamed to it a column block (products)
+            or a 256 MiB row block (Gram matrices, updates) at a time, so device memory holds
+            one product plus one block: 1000 eigenpairs of an 11M-parameter net (2 x 45 GB in
+            float32) on an 80 GB GPU. The eigenvectors are returned where they were stored.
+
+    Memory: two tall matrices, worked on in place (``Y``, then ``Q``, then ``U``; ``A Q``, then
+    ``A U``); orthonormalisation by SVQB on float64 Gram matrices (:func:`orthonormalize_`).
 
     Returns:
         :class:`EigenResult` (``method="sketch"``) with measured residuals; ``converged`` marks
@@ -149,33 +204,38 @@ def sketch_eigh(
         raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
     if not isinstance(num_power_iters, int) or num_power_iters < 0:
         raise ValueError(f"num_power_iters must be a non-negative int, got {num_power_iters!r}.")
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {STORAGE}, got {storage!r}.")
     counted = Counted(A)  # type: ignore[arg-type]
     n, dtype, device = counted.A.shape[0], counted.A.dtype, counted.A.device
-    gen_digest = generator_digest(generator)
-    Omega = random_probes(n, width, distribution="gaussian", dtype=dtype, device=device,
-                          generator=generator)
-    apply = _StagedProducts(counted, block_size, Checkpointer(checkpoint, checkpoint_every, {
+    X = TallMatrix(n, width, dtype, device, storage)
+    Z = TallMatrix(n, width, dtype, device, storage)
+    X.fill_gaussian(list(range(width)), generator)
+    apply = _InPlaceProducts(counted, block_size, Checkpointer(checkpoint, checkpoint_every, {
         "algorithm": "sketch_eigh", "n": n, "width": width, "q": num_power_iters,
-        "block_size": block_size, "dtype": str(dtype), "start": tensor_digest(Omega),
-        "generator": gen_digest,
-    }))
-    Y = apply(Omega)
+        "block_size": block_size, "dtype": str(dtype), "start": tensor_digest(X.data[0]),
+        "generator": generator_digest(generator),
+    }), generator)
+    apply.restore(X, Z)
+    apply(X, X)  # Y = A Omega
     for _ in range(num_power_iters):
-        Q, _ = torch.linalg.qr(Y)
-        Y = apply(Q)
-    Q, _ = torch.linalg.qr(Y)
-    AQ = apply(Q)
-    B = (Q.T @ AQ).to("cpu", torch.float64)
+        orthonormalize_(X, generator)
+        apply(X, X)  # Y = A orth(Y)
+    orthonormalize_(X, generator)  # Q
+    apply(X, Z)  # A Q
+    B = X.gram(Z).cpu()
     theta, S = torch.linalg.eigh((B + B.T) / 2)
     want = select(theta, k, which)
-    S_w = S[:, want].to(dtype=dtype, device=device)
-    U, AU = Q @ S_w, AQ @ S_w
+    X.right_multiply_(S[:, want])  # U = Q S
+    Z.right_multiply_(S[:, want])  # A U
     theta_w = theta[want].to(dtype=dtype, device=device)
-    res = (AU - U * theta_w).norm(dim=0)
+    res = X.column_residual_norms(Z, theta_w).to(dtype)
+    del Z
     tol = torch.finfo(dtype).eps ** 0.5
     converged = res <= tol * theta_w.abs()
-    error = _aposteriori_error(counted, U, theta_w, num_test, block_size, generator)
-    return EigenResult(theta_w, U, res, converged, "sketch", which, tol, num_power_iters,
+    error = _aposteriori_error(counted, X, theta_w, num_test, block_size, generator)
+    sync(device)
+    return EigenResult(theta_w, X.view(), res, converged, "sketch", which, tol, num_power_iters,
                        counted.cost(), error)
 
 

@@ -33,6 +33,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _host_tensor(rows: int, cols: int, dtype: torch.dtype, pin: bool) -> Tensor:
+    """Host memory, pinned where asked and possible (pinning tens of GB can fail: then pageable,
+    which is slower to stream but otherwise the same).
+    """
+    if pin:
+        try:
+            return torch.empty(rows, cols, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(rows, cols, dtype=dtype)
+
+
 class TallMatrix:
     """``X [n, width]`` stored as ``X^T`` on the compute ``device``, in host memory or on disk.
 
@@ -47,7 +59,7 @@ class TallMatrix:
         if storage == "device":
             self.data = torch.empty(width, n, dtype=dtype, device=device)
         elif storage == "host":
-            self.data = torch.empty(width, n, dtype=dtype, pin_memory=device.type == "cuda")
+            self.data = _host_tensor(width, n, dtype, pin=device.type == "cuda")
         else:  # a temporary file, unlinked when this object goes; the mapping outlives it
             self._file = tempfile.NamedTemporaryFile(prefix="curvscope-sketch-", suffix=".bin")
             self.data = torch.from_file(self._file.name, shared=True, size=width * n,

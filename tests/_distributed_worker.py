@@ -25,6 +25,8 @@ def compute(problem):
     density = cs.slq(H, 3, 20, generator=torch.Generator().manual_seed(2))
     sharded = cs.lanczos(H, 25, num_probes=2, basis="sharded", reorth="full",
                          generator=torch.Generator().manual_seed(4))
+    sketch = cs.sketch_eigh(H, 4, num_power_iters=3, block_size=3, storage="sharded",
+                            generator=torch.Generator().manual_seed(5))
     loss, grad = problem.loss_and_gradient()
     return {
         "HV": H @ V, "GV": G @ V, "covV": cs.GradientCovarianceOperator(problem) @ V,
@@ -32,6 +34,9 @@ def compute(problem):
         "loss": loss, "grad": grad, "num_data": problem.num_data,
         "sharded_alpha": sharded.alpha, "sharded_beta": sharded.beta,
         "gram": class_structure(problem).gram,
+        "sketch_values": sketch.eigenvalues, "sketch_residuals": sketch.residual_norms,
+        "sketch_error": torch.tensor(sketch.error_estimate),
+        "sketch_vectors_kept": sketch.eigenvectors is not None,
     }
 
 

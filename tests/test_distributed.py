@@ -58,15 +58,23 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("key", ["HV", "GV", "covV", "top", "loss", "grad", "gram", "nodes",
-                                 "weights", "sharded_alpha", "sharded_beta"])
+                                 "weights", "sharded_alpha", "sharded_beta", "sketch_values",
+                                 "sketch_residuals", "sketch_error"])
 def test_two_ranks_equal_one_process(two_ranks, one_process, key):
     assert two_ranks[0]["num_data"] == one_process["num_data"] == 19
     assert _rel(two_ranks[0][key], one_process[key]) < RTOL
 
 
-@pytest.mark.parametrize("key", ["HV", "top", "nodes", "weights", "sharded_alpha"])
+@pytest.mark.parametrize("key", ["HV", "top", "nodes", "weights", "sharded_alpha",
+                                 "sketch_values", "sketch_error"])
 def test_krylov_scalars_agree_on_every_rank(two_ranks, key):
     assert torch.equal(two_ranks[0][key], two_ranks[1][key])
+
+
+def test_sharded_sketch_keeps_no_whole_eigenvectors(two_ranks, one_process):
+    """Sharded across ranks no rank holds the eigenvectors; in one process it is the device."""
+    assert not two_ranks[0]["sketch_vectors_kept"] and not two_ranks[1]["sketch_vectors_kept"]
+    assert one_process["sketch_vectors_kept"]
 
 
 def test_a_failing_rank_is_a_clear_error_not_a_hang(tmp_path):

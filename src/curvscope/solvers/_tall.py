@@ -21,8 +21,10 @@ import tempfile
 import torch
 from torch import Tensor
 
+from curvscope import distributed
+
 #: Where a tall matrix may live.
-STORAGE = ("device", "host", "disk")
+STORAGE = ("device", "host", "disk", "sharded")
 #: Bytes of float64 work per streamed row block.
 STREAM_BYTES = 256 * 2**20
 
@@ -46,7 +48,11 @@ def _host_tensor(rows: int, cols: int, dtype: torch.dtype, pin: bool) -> Tensor:
 
 
 class TallMatrix:
-    """``X [n, width]`` stored as ``X^T`` on the compute ``device``, in host memory or on disk.
+    """``X [n, width]`` stored as ``X^T`` on the compute ``device``, in host memory or on disk,
+    or sharded: under ``torchrun`` each rank keeps the rows ``[lo, hi)`` (1/W of the
+    coordinates) on its device; Gram matrices and norms are all-reduced partial sums, a column
+    block is all-gathered (as a sum of zero-padded slices) for a product, right products are
+    local. With one process ``"sharded"`` is ``"device"``.
 
     ``cols`` is the number of live columns (``width`` at first; a right product may shrink it).
     """
@@ -56,8 +62,12 @@ class TallMatrix:
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {STORAGE}, got {storage!r}.")
         self.n, self.cols, self.dtype, self.device, self.storage = n, width, dtype, device, storage
-        if storage == "device":
-            self.data = torch.empty(width, n, dtype=dtype, device=device)
+        self.lo, self.hi = 0, n
+        if storage == "sharded":
+            rank, size = distributed.world()
+            self.lo, self.hi = round(rank * n / size), round((rank + 1) * n / size)
+        if storage in ("device", "sharded"):
+            self.data = torch.empty(width, self.hi - self.lo, dtype=dtype, device=device)
         elif storage == "host":
             self.data = _host_tensor(width, n, dtype, pin=device.type == "cuda")
         else:  # a temporary file, unlinked when this object goes; the mapping outlives it
@@ -65,21 +75,41 @@ class TallMatrix:
             self.data = torch.from_file(self._file.name, shared=True, size=width * n,
                                         dtype=dtype).view(width, n)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the rows are split across ranks."""
+        return self.storage == "sharded" and distributed.is_active()
+
     def _rows(self) -> list[slice]:
+        """Row blocks of the stored rows (local indices)."""
+        local = self.hi - self.lo
         step = max(1, STREAM_BYTES // (8 * max(self.cols, 1)))
-        return [slice(r, min(r + step, self.n)) for r in range(0, self.n, step)]
+        return [slice(r, min(r + step, local)) for r in range(0, local, step)]
+
+    def _global(self, rows: slice) -> slice:
+        return slice(self.lo + rows.start, self.lo + rows.stop)
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        return distributed.all_reduce_sum(t) if self.sharded else t
 
     def _row_block(self, rows: slice) -> Tensor:
         """``X[rows, :cols]^T`` on the device in float64: ``[cols, len(rows)]``."""
         return self.data[: self.cols, rows].to(self.device, torch.float64, non_blocking=True)
 
     def columns(self, start: int, stop: int) -> Tensor:
-        """``X[:, start:stop]`` on the device (``[n, stop - start]``)."""
-        return self.data[start:stop].to(self.device, non_blocking=True).T
+        """``X[:, start:stop]`` on the device (``[n, stop - start]``), whole on every rank."""
+        if not self.sharded:
+            return self.data[start:stop].to(self.device, non_blocking=True).T
+        full = torch.zeros(self.n, stop - start, dtype=self.dtype, device=self.device)
+        full[self.lo : self.hi] = self.data[start:stop].T
+        return distributed.all_reduce_sum(full)
 
     def set_columns(self, start: int, block: Tensor) -> None:
-        """``X[:, start:start + b] = block`` (``block [n, b]`` on the device)."""
-        self.data[start : start + block.shape[1]].copy_(block.T)  # blocking into host memory
+        """``X[:, start:start + b] = block`` (``block [n, b]`` on the device, the same on every
+        rank when sharded: each keeps its rows).
+        """
+        local = block[self.lo : self.hi]
+        self.data[start : start + block.shape[1]].copy_(local.T)  # blocking into host memory
 
     def fill_gaussian(self, columns: list[int], generator: torch.Generator | None) -> None:
         """Standard Gaussian entries in the given columns, drawn on the generator's device in
@@ -89,7 +119,7 @@ class TallMatrix:
         sync(self.device)  # no queued copy may still be reading these columns
         for c in columns:
             z = torch.randn(self.n, generator=generator, device=gen_device, dtype=torch.float64)
-            self.data[c].copy_(z.to(self.dtype))
+            self.data[c].copy_(z[self.lo : self.hi].to(self.dtype))
 
     def gram(self, other: TallMatrix | None = None) -> Tensor:
         """``X^T Y`` (``Y = other``, default ``X``) in float64 on the device, ``[cols, cols_Y]``."""
@@ -98,22 +128,22 @@ class TallMatrix:
         for rows in self._rows():
             Xr = self._row_block(rows)
             acc += Xr @ (Xr if other is None else Y._row_block(rows)).T
-        return acc
+        return self._reduce(acc)
 
     def t_matmul(self, M: Tensor) -> Tensor:
         """``X^T M`` for ``M [n, t]`` on the device, in float64."""
         acc = torch.zeros(self.cols, M.shape[1], dtype=torch.float64, device=self.device)
         for rows in self._rows():
-            acc += self._row_block(rows) @ M[rows].to(torch.float64)
-        return acc
+            acc += self._row_block(rows) @ M[self._global(rows)].to(torch.float64)
+        return self._reduce(acc)
 
     def matmul(self, C: Tensor) -> Tensor:
         """``X C`` for ``C [cols, t]`` (small), on the device in float64: ``[n, t]``."""
-        out = torch.empty(self.n, C.shape[1], dtype=torch.float64, device=self.device)
+        out = torch.zeros(self.n, C.shape[1], dtype=torch.float64, device=self.device)
         C = C.to(self.device, torch.float64)
         for rows in self._rows():
-            out[rows] = self._row_block(rows).T @ C
-        return out
+            out[self._global(rows)] = self._row_block(rows).T @ C
+        return self._reduce(out)
 
     def right_multiply_(self, T: Tensor) -> None:
         """``X <- X T`` in place for ``T [cols, m]``, ``m <= cols``; row block by row block, in
@@ -132,8 +162,10 @@ class TallMatrix:
         t = theta.to(self.device, torch.float64).unsqueeze(1)
         for rows in self._rows():
             acc += (other._row_block(rows) - t * self._row_block(rows)).pow(2).sum(1)
-        return acc.sqrt()
+        return self._reduce(acc).sqrt()
 
-    def view(self) -> Tensor:
-        """``X[:, :cols]`` as an ``[n, cols]`` tensor where it is stored (no copy)."""
-        return self.data[: self.cols].T
+    def view(self) -> Tensor | None:
+        """``X[:, :cols]`` as an ``[n, cols]`` tensor where it is stored (no copy); ``None`` when
+        sharded across ranks (no rank holds it whole).
+        """
+        return None if self.sharded else self.data[: self.cols].T

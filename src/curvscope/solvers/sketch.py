@@ -181,6 +181,9 @@ def sketch_eigh(
             or a 256 MiB row block (Gram matrices, updates) at a time, so device memory holds
             one product plus one block: 1000 eigenpairs of an 11M-parameter net (2 x 45 GB in
             float32) on an 80 GB GPU. The eigenvectors are returned where they were stored.
+            ``"sharded"`` (under ``torchrun``): each rank keeps 1/W of the rows on its device,
+            Gram matrices are all-reduced; results equal one process's, and ``eigenvectors`` is
+            ``None`` (no rank holds them whole).
 
     Memory: two tall matrices, worked on in place (``Y``, then ``Q``, then ``U``; ``A Q``, then
     ``A U``); orthonormalisation by SVQB on float64 Gram matrices (:func:`orthonormalize_`).

@@ -50,10 +50,12 @@ def run_more(kind, checkpoint):
     torch.set_num_threads(1)
     tp = tiny_mlp("classification", batch_sizes=(3, 3, 3, 2, 2))
     problem = cs.Problem(tp.model, tp.loss_fn, tp.batches)
-    if kind == "sketch":
+    if kind.startswith("sketch"):  # sketch, sketch-host, sketch-disk: where the matrices live
         H = cs.HessianOperator(problem)
+        storage = kind.partition("-")[2] or "device"
         r = cs.sketch_eigh(H, 5, num_power_iters=2, block_size=4, generator=torch.Generator()
-                           .manual_seed(3), checkpoint=checkpoint, checkpoint_every=2)
+                           .manual_seed(3), checkpoint=checkpoint, checkpoint_every=2,
+                           storage=storage)
         return {"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors}
     from curvscope.analysis import class_structure
 

@@ -113,9 +113,13 @@ class _InterruptError(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind", ["sketch", "class_structure"])
-def test_sketch_and_class_structure_resume(kind, tmp_path, monkeypatch):
-    """Interrupted after a few products (an exception stands in for SIGKILL), then resumed."""
+@pytest.mark.parametrize("kind, product", [
+    ("sketch", 4), ("sketch", 11), ("sketch-host", 11), ("sketch-disk", 16),
+    ("class_structure", None)])
+def test_sketch_and_class_structure_resume(kind, product, tmp_path, monkeypatch):
+    """Interrupted inside product ``product`` (an exception stands in for SIGKILL), then
+    resumed. The sketch has 4 products a stage (15 columns in blocks of 4): product 4 is in the
+    first stage, 11 in the third (after two orthonormalisations), 16 in the last (``A Q``)."""
     from _resume_worker import run_more
     from curvscope.curvature import _operators
 
@@ -126,7 +130,7 @@ def test_sketch_and_class_structure_resume(kind, tmp_path, monkeypatch):
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5 * 3 + 2:  # 5 batches a product: inside the 4th product
+        if product and calls["n"] == 5 * (product - 1) + 2:  # 5 batches a product
             raise _InterruptError
         return real(self, *args, **kwargs)
 

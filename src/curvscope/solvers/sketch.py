@@ -63,6 +63,13 @@ class _InPlaceProducts:
             self.generator.set_state(self.saved["generator"])
         return True
 
+    def orthonormalize(self, X: TallMatrix) -> None:
+        """:func:`orthonormalize_` before the next stage, unless the checkpoint shows that stage
+        begun (then ``X`` was restored after this orthonormalisation and must not get another).
+        """
+        if self.stage > self.saved.get("stage", -1):
+            orthonormalize_(X, self.generator)
+
     def __call__(self, X: TallMatrix, out: TallMatrix) -> None:
         """``out <- A X`` column block by column block (``out`` may be ``X``)."""
         stage = self.stage
@@ -222,9 +229,9 @@ def sketch_eigh(
     apply.restore(X, Z)
     apply(X, X)  # Y = A Omega
     for _ in range(num_power_iters):
-        orthonormalize_(X, generator)
+        apply.orthonormalize(X)
         apply(X, X)  # Y = A orth(Y)
-    orthonormalize_(X, generator)  # Q
+    apply.orthonormalize(X)  # Q
     apply(X, Z)  # A Q
     B = X.gram(Z).cpu()
     theta, S = torch.linalg.eigh((B + B.T) / 2)

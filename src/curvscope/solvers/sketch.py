@@ -92,33 +92,39 @@ class _InPlaceProducts:
                     "num_products": self.counted.num_products})
 
 
-def orthonormalize_(X: TallMatrix, generator: torch.Generator | None, passes: int = 2) -> None:
+def orthonormalize_(X: TallMatrix, generator: torch.Generator | None) -> None:
     """Orthonormal columns in place, by SVQB (Stathopoulos & Wu 2002) on the float64 Gram matrix.
 
-    ``D = diag(X^T X)^{-1/2}``, ``D X^T X D = W diag(lam) W^T``, ``X <- X D W diag(lam)^{-1/2}``,
-    repeated (``passes``: twice is enough, as for CholeskyQR2). Directions with
-    ``lam <= l * max(eps^2, eps_64) * max(lam)`` are numerically absent (the operator has rank
-    below ``l``, or ``X`` is rounding noise there); they are refilled with fresh Gaussian vectors
-    and the refill is orthonormalised by one more pass, the way Householder QR completes a
-    basis. The Gram matrix and the update are computed in float64 over streamed row blocks, so
-    ``X`` may be far larger than the device.
+    ``D = diag(X^T X)^{-1/2}``, ``D X^T X D = W diag(lam) W^T``, ``X <- X D W diag(lam)^{-1/2}``.
+    The Gram matrix and the update are computed in float64 over streamed row blocks (so ``X`` may
+    be far larger than the device) and rounded once to the storage dtype. The loss of
+    orthogonality of one pass is about ``eps_64 * kappa^2`` (the Gram matrix's rounding, with
+    ``kappa^2 = max lam / min lam``) plus ``eps`` (the final rounding): one pass is enough for
+    float32 storage unless ``kappa > ~7e4``; float64 storage takes a second pass (CholeskyQR2's
+    "twice is enough") unless ``kappa^2 <= 10``. Directions with ``lam <= l * max(eps^2, eps_64) * max(lam)`` are
+    numerically absent (the operator has rank below ``l``, or ``X`` is rounding noise there):
+    they are refilled with fresh Gaussian vectors and orthonormalised by another pass, the way
+    Householder QR completes a basis.
     """
-    floor = X.cols * max(torch.finfo(X.dtype).eps ** 2, torch.finfo(torch.float64).eps)
-    todo = passes
-    while todo > 0:
+    eps, eps64 = torch.finfo(X.dtype).eps, torch.finfo(torch.float64).eps
+    tiny = torch.finfo(torch.float64).tiny
+    floor = X.cols * max(eps**2, eps64)
+    for _ in range(4):  # 1 or 2 passes, 1 more after a refill; the cap guards against loops
         G = X.gram()
         d = torch.diagonal(G)
         scale = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
         lam, W = torch.linalg.eigh(scale[:, None] * G * scale[None, :])
-        absent = lam <= floor * lam.max().clamp_min(torch.finfo(torch.float64).tiny)
-        T = scale[:, None] * W / lam.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        absent = lam <= floor * lam.max().clamp_min(tiny)
+        T = scale[:, None] * W / lam.clamp_min(tiny).sqrt()
         T[:, absent] = 0.0
         X.right_multiply_(T)
-        todo -= 1
         refill = torch.nonzero(absent).flatten().tolist()
         if refill:
             X.fill_gaussian(refill, generator)
-            todo = max(todo, 2)
+            continue
+        kappa2 = float(lam.max() / lam.min())
+        if eps64 * kappa2 <= 10 * eps:  # this pass was accurate to the storage precision
+            return
 
 
 def _check_sketch_args(A: object, k: int, oversample: int, block_size: int | None,

@@ -120,6 +120,9 @@ class _BatchContext:
         """
         if not self.problem_flags.get("reverse_jacobian"):
             try:
+                if next(iter(V.values())).shape[0] == 1:  # no vmap for one column: cheaper
+                    one = {n: v[0] for n, v in V.items()}
+                    return jvp(self.output, (self.params,), (one,))[1].unsqueeze(0)
                 return vmap(lambda v: jvp(self.output, (self.params,), (v,))[1])(V)
             except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
                 _fall_back(err, "forward-mode AD failed on this model", "computing Jacobian "
@@ -147,6 +150,8 @@ class _BatchContext:
     def transpose_jacobian_product(self, U: Tensor) -> dict[str, Tensor]:
         """``J_b^T U`` for ``U`` of shape ``[k, *z.shape]``."""
         _, vjp_fn = self.linearization()
+        if U.shape[0] == 1:  # no vmap for one column
+            return {n: g.unsqueeze(0) for n, g in vjp_fn(U[0])[0].items()}
         return vmap(vjp_fn)(U)[0]
 
     def loss_kind(self) -> LossKind:

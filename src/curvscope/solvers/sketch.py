@@ -101,10 +101,10 @@ def orthonormalize_(X: TallMatrix, generator: torch.Generator | None) -> None:
     orthogonality of one pass is about ``eps_64 * kappa^2`` (the Gram matrix's rounding, with
     ``kappa^2 = max lam / min lam``) plus ``eps`` (the final rounding): one pass is enough for
     float32 storage unless ``kappa > ~7e4``; float64 storage takes a second pass (CholeskyQR2's
-    "twice is enough") unless ``kappa^2 <= 10``. Directions with ``lam <= l * max(eps^2, eps_64) * max(lam)`` are
-    numerically absent (the operator has rank below ``l``, or ``X`` is rounding noise there):
-    they are refilled with fresh Gaussian vectors and orthonormalised by another pass, the way
-    Householder QR completes a basis.
+    "twice is enough") unless ``kappa^2 <= 10``. Directions with
+    ``lam <= l * max(eps^2, eps_64) * max(lam)`` are numerically absent (the operator has rank
+    below ``l``, or ``X`` is rounding noise there): they are refilled with fresh Gaussian vectors
+    and orthonormalised by another pass, the way Householder QR completes a basis.
     """
     eps, eps64 = torch.finfo(X.dtype).eps, torch.finfo(torch.float64).eps
     tiny = torch.finfo(torch.float64).tiny

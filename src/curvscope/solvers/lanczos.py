@@ -94,6 +94,21 @@ def cgs2(X: Tensor, Q: Tensor) -> Tensor:
 STREAM_BYTES = 256 * 2**20
 
 
+def _coefficients(Q: Tensor, W: Tensor) -> Tensor:
+    """``c[l] = Q[l] W[:, l]`` for ``Q [p, j, n]``, ``W [n, p]``: ``[p, j]``.
+
+    One matrix-vector product per probe: ``einsum("pjn,np->pj")`` copies the strided basis view
+    first and ran 5-7x slower on a CPU (81 vs 12 ms at p = 10, j = 50, n = 177k).
+    """
+    Wt = W.T.contiguous()
+    return torch.stack([torch.mv(Q[i], Wt[i]) for i in range(Q.shape[0])])
+
+
+def _subtract(W: Tensor, Q: Tensor, coeffs: Tensor) -> Tensor:
+    """``W[:, l] - Q[l]^T c[l]`` for every probe ``l`` (batched, 15x faster than the einsum)."""
+    return W - torch.bmm(coeffs.unsqueeze(1), Q).squeeze(1).T
+
+
 def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None,
                  chunk: int | None = None) -> Tensor:
     """CGS2: ``W[:, l] -= Q_l (Q_l^T W[:, l])`` twice, for every probe ``l`` at once.
@@ -113,13 +128,13 @@ def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None,
     else:
         pieces = [(s, Q[:, s : s + chunk]) for s in range(0, j, chunk)]
     for _ in range(2):
-        coeffs = torch.cat([torch.einsum("pjn,np->pj", Qc.to(W.device, non_blocking=True), W)
+        coeffs = torch.cat([_coefficients(Qc.to(W.device, non_blocking=True), W)
                             for _, Qc in pieces], 1)
         if mask is not None:
             coeffs = coeffs * mask.unsqueeze(1)
         for s, Qc in pieces:
             Qc = Qc.to(W.device, non_blocking=True)
-            W = W - torch.einsum("pjn,pj->np", Qc, coeffs[:, s : s + Qc.shape[1]])
+            W = _subtract(W, Qc, coeffs[:, s : s + Qc.shape[1]])
     return W
 
 
@@ -330,10 +345,10 @@ class _BasisStore:
         Q = self.data[:, :j]
         local = W[self.lo : self.hi]
         for _ in range(2):  # coefficients from all-reduced partial dot products
-            coeffs = distributed.all_reduce_sum(torch.einsum("pjn,np->pj", Q, local))
+            coeffs = distributed.all_reduce_sum(_coefficients(Q, local))
             if mask is not None:
                 coeffs = coeffs * mask.unsqueeze(1)
-            local = local - torch.einsum("pjn,pj->np", Q, coeffs)
+            local = _subtract(local, Q, coeffs)
         full = torch.zeros_like(W)  # every rank's slice, summed into the whole vector
         full[self.lo : self.hi] = local
         return distributed.all_reduce_sum(full)

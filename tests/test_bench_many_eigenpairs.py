@@ -3,36 +3,25 @@ reports is consistent (counts, an independent eigsh check, the JSON it writes)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import load_benchmark, run_benchmark
 from curvscope import zoo
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_many_eigenpairs.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_many_eigenpairs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_many_eigenpairs")
 
 
 @pytest.mark.parametrize("storage", ["host", "disk"])
 def test_tiny_run_is_consistent(bench, tmp_path, storage, capsys):
-    threads = torch.get_num_threads()
     out = tmp_path / "many.json"
-    try:
-        row = bench.main(["--preset", "tiny", "--k", "12", "--oversample", "8", "--power-iters",
-                          "4", "--check-top", "3", "--images", "32", "--storage", storage,
-                          "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    row = run_benchmark(bench, ["--preset", "tiny", "--k", "12", "--oversample", "8",
+                                "--power-iters", "4", "--check-top", "3", "--images", "32",
+                                "--storage", storage, "--out", str(out)])
     saved = json.loads(out.read_text())["row"]
     assert saved["params"] == row["params"] == sum(
         p.numel() for p in zoo.resnet18(10, width=4).parameters())

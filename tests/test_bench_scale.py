@@ -5,7 +5,6 @@ tests."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 import curvscope as cs
+from conftest import load_benchmark, run_benchmark
 from curvscope import zoo
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
@@ -25,18 +25,11 @@ TIMES = ("gradient_s", "hvp_single_s", "hvp_batched_pv_s", "hvp_fwdrev_pv_s", "g
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_scale")
 
 
 def _main(bench, argv):
-    threads = torch.get_num_threads()
-    try:
-        return bench.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return run_benchmark(bench, argv)
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +38,6 @@ def run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_scale")
     result = _main(bench, TINY + ["--no-isolate", "--out", str(out)])
     return result, out
-
-
-def _rss_peaks_available() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def test_every_size_has_a_row_with_positive_times(bench, run):
@@ -72,7 +56,7 @@ def test_every_size_has_a_row_with_positive_times(bench, run):
         for key in TIMES:
             assert 0 < r[key] < math.inf, (key, r)
         assert r["hvp_single_xg"] == pytest.approx(r["hvp_single_s"] / r["gradient_s"])
-        if _rss_peaks_available():
+        if bench._reset_rss_peak():
             for key in ("hvp_single_peak_bytes", "hvp_batched_peak_bytes", "ggn_batched_peak_bytes"):
                 assert r[key] > 0
             assert r["hvp_single_peak_bytes"] >= r["hvp_single_base_bytes"] > 0

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_spectral.py"
 
@@ -31,15 +33,7 @@ TARGET_KEYS = {"density", "topk", "trace-hutchpp:curvlinops", "trace-xtrace:curv
 PEER_MODULES = ("pyhessian", "hessian_eigenthings", "curvlinops", "skerch")
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_spectral_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_bench()
+bench = load_benchmark("bench_spectral")
 
 
 def _run(args, out):

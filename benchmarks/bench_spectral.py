@@ -1144,13 +1144,19 @@ def _ref_density(H: Any, spec: dict[str, Any], stem: Path) -> dict[str, Any]:
                 slq_chunk=chunk)
 
 
-def _reference_worker(spec: dict[str, Any], out_q: Any) -> None:
+def _worker(task: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any],
+            out_q: Any) -> None:
+    """Run ``task(spec)`` in a subprocess and put its result, or the error, on ``out_q``."""
     _init_process(spec)
     try:
-        out_q.put({"status": "ok", **_reference(spec)})
+        out_q.put({"status": "ok", **task(spec)})
     except BaseException as err:
         out_q.put({"status": "error", "error": f"{type(err).__name__}: {err}",
                    "traceback": traceback.format_exc(limit=8)[-3000:]})
+
+
+def _reference_worker(spec: dict[str, Any], out_q: Any) -> None:
+    _worker(_reference, spec, out_q)
 
 
 def _reference(spec: dict[str, Any]) -> dict[str, Any]:
@@ -1268,12 +1274,7 @@ def build_reference(spec: ProblemSpec, args: argparse.Namespace, b: Budget, task
 
 
 def _residual_worker(spec: dict[str, Any], out_q: Any) -> None:
-    _init_process(spec)
-    try:
-        out_q.put({"status": "ok", **_residuals(spec)})
-    except BaseException as err:
-        out_q.put({"status": "error", "error": f"{type(err).__name__}: {err}",
-                   "traceback": traceback.format_exc(limit=8)[-3000:]})
+    _worker(_residuals, spec, out_q)
 
 
 def _residuals(spec: dict[str, Any]) -> dict[str, Any]:

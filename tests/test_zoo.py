@@ -363,7 +363,12 @@ def test_resnet18_has_torchvisions_parameter_count_and_layout(C, params):
 
 def test_resnet18_equals_torchvision():
     """Same names, same forward, same initialisation for the same seed (where torchvision is)."""
-    tv = pytest.importorskip("torchvision")
+    from curvscope.testing import import_torchvision
+
+    try:
+        tv = import_torchvision()
+    except ImportError as err:
+        pytest.skip(f"torchvision does not import here: {err}")
     torch.manual_seed(0)
     ref = tv.models.resnet18(num_classes=10).eval()
     torch.manual_seed(0)

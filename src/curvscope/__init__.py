@@ -10,10 +10,16 @@ in one pass over the data.
 from curvscope import linops
 from curvscope._checkpoint import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 from curvscope.curvature import (
+    AttentionBackendWarning,
+    CausalLMLoss,
     CombinedCurvatureOperator,
     CurvatureOperator,
+    CurvatureProductError,
     EmpiricalFisherOperator,
     EngineFallbackWarning,
+    EngineMismatchWarning,
+    ModelOutputLoss,
+    TokenCrossEntropyLoss,
     FisherMCOperator,
     GGNOperator,
     GradientCovarianceOperator,
@@ -54,6 +60,14 @@ __all__ = [
     # problem
     "ParamSpace",
     "Problem",
+    # losses
+    "CausalLMLoss",
+    "ModelOutputLoss",
+    "TokenCrossEntropyLoss",
+    # warnings and errors of the products
+    "AttentionBackendWarning",
+    "CurvatureProductError",
+    "EngineMismatchWarning",
     # operators
     "CombinedCurvatureOperator",
     "CurvatureOperator",

@@ -1,10 +1,14 @@
 """Problems (model + loss + data) and the curvature operators built on them."""
 
+from curvscope.curvature._attention import AttentionBackendWarning
+from curvscope.curvature._losses import CausalLMLoss, ModelOutputLoss, TokenCrossEntropyLoss
 from curvscope.curvature._operators import (
     CombinedCurvatureOperator,
     CurvatureOperator,
+    CurvatureProductError,
     EmpiricalFisherOperator,
     EngineFallbackWarning,
+    EngineMismatchWarning,
     FisherMCOperator,
     GGNOperator,
     GradientCovarianceOperator,
@@ -15,7 +19,13 @@ from curvscope.curvature._param_space import ParamSpace, select_parameters
 from curvscope.curvature._problem import Batch, Problem
 
 __all__ = [
+    "AttentionBackendWarning",
     "Batch",
+    "CausalLMLoss",
+    "CurvatureProductError",
+    "EngineMismatchWarning",
+    "ModelOutputLoss",
+    "TokenCrossEntropyLoss",
     "CombinedCurvatureOperator",
     "CurvatureOperator",
     "EmpiricalFisherOperator",

@@ -34,8 +34,15 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from curvscope import distributed
+from curvscope.curvature._finite_difference import (
+    central_differences,
+    fd_steps,
+    richardson_truncation,
+)
 from curvscope.curvature._losses import (
     LossKind,
+    ModelOutputLoss,
     loss_hessian_product,
     recognise_loss,
     reduction_factor,
@@ -47,16 +54,27 @@ from curvscope.linops._base import PSD, SYMMETRIC, LinearOperator
 
 logger = logging.getLogger(__name__)
 
-HESSIAN_ENGINES = ("auto", "forward_over_reverse", "double_backward")
+EXACT_HESSIAN_ENGINES = ("auto", "forward_over_reverse", "double_backward")
+HESSIAN_ENGINES = (*EXACT_HESSIAN_ENGINES, "finite_difference")
 
 
 class EngineFallbackWarning(UserWarning):
     """An autodiff engine failed on this model or loss and curvscope switched to another one."""
 
 
+class EngineMismatchWarning(UserWarning):
+    """An exact engine disagreed with finite differences of the gradient on this model."""
+
+
+class CurvatureProductError(RuntimeError):
+    """A curvature product failed: the message names the engine, the module and what to do."""
+
+
 _MISSING_RULE_PHRASES = (
     "forward ad", "forward-mode", "forward mode", "zerotensors are immutable", "batching rule",
     "vmap", "not implemented", "does not support", "not supported", "jvp",
+    "functorch transforms", "setup_context", "once_differentiable", "differentiate twice",
+    "does not require grad and does not have a grad_fn",
 )
 
 
@@ -96,6 +114,7 @@ class _BatchContext:
         self.problem, self.batch, self.params, self.frozen = problem, batch, params, frozen
         self.problem_flags = flags  # engine choices that persist across batches and products
         self.cache: dict[str, Any] = {}
+        self.columns = slice(0, 0)  # the columns of the product this kernel call serves
 
     def output(self, params: dict[str, Tensor]) -> Tensor:
         return self.problem.forward({**self.frozen, **params}, self.batch.inputs)
@@ -118,6 +137,8 @@ class _BatchContext:
         Forward mode, vmapped over the ``k`` columns; when an op of the model has no forward-mode
         rule, the double-vjp trick ``J v = d/du <J^T u, v>`` in reverse mode instead.
         """
+        if self.problem_flags.get("finite_difference_jacobian"):
+            return self._jacobian_product_finite_difference(V)
         if not self.problem_flags.get("reverse_jacobian"):
             try:
                 if next(iter(V.values())).shape[0] == 1:  # no vmap for one column: cheaper
@@ -128,7 +149,32 @@ class _BatchContext:
                 _fall_back(err, "forward-mode AD failed on this model", "computing Jacobian "
                            "products with the double-vjp trick in reverse mode instead")
                 self.problem_flags["reverse_jacobian"] = True
-        return self._jacobian_product_reverse(V)
+        try:
+            return self._jacobian_product_reverse(V)
+        except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
+            _fall_back(err, "the double-vjp Jacobian product failed (no double backward)",
+                       "computing Jacobian products J v by central differences of the model's "
+                       "outputs (Richardson-extrapolated; forward passes only) instead")
+            self.problem_flags["finite_difference_jacobian"] = True
+        return self._jacobian_product_finite_difference(V)
+
+    def _jacobian_product_finite_difference(self, V: dict[str, Tensor]) -> Tensor:
+        """``J_b V`` from forward passes: Richardson-extrapolated central differences of ``z``."""
+        names = list(V)
+        k = V[names[0]].shape[0]
+        flat = torch.stack([torch.cat([V[n][j].reshape(-1) for n in names]) for j in range(k)], 1)
+        theta = torch.cat([self.params[n].reshape(-1) for n in names])
+        steps = fd_steps(float(theta.norm()), theta.numel(), flat, flat.dtype, richardson=True)
+        eps = torch.finfo(flat.dtype).eps
+        cols = []
+        with torch.no_grad():
+            for j in range(k):
+                def output_at(t: float, j: int = j) -> Tensor:
+                    return self.output({n: self.params[n] + t * V[n][j] for n in names})
+
+                value, _, _ = central_differences(output_at, float(steps[j]), True, eps)
+                cols.append(value)
+        return torch.stack(cols)
 
     def _jacobian_product_reverse(self, V: dict[str, Tensor]) -> Tensor:
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
@@ -184,6 +230,7 @@ class CurvatureOperator(LinearOperator):
     """
 
     _tags: frozenset[str] = frozenset({SYMMETRIC})
+    _needs_loss_of_outputs = False  # output-space operators (GGN, Fisher, ...) need l(z, y)
 
     def __init__(self, problem: Problem, *, params: Any = None, chunk_size: int | None = None,
                  **options: Any) -> None:
@@ -191,6 +238,13 @@ class CurvatureOperator(LinearOperator):
             raise TypeError(
                 f"{type(self).__name__} needs a curvscope.Problem, got {type(problem).__name__}; "
                 "build one with curvscope.Problem(model, loss_fn, data)."
+            )
+        if self._needs_loss_of_outputs and isinstance(problem.loss_fn, ModelOutputLoss):
+            raise ValueError(
+                f"{type(self).__name__} needs the loss as a function of the model's output, but "
+                "ModelOutputLoss uses the loss the model computes itself; build the Problem with "
+                "the same objective of the logits (curvscope.CausalLMLoss() for a causal LM, "
+                "nn.CrossEntropyLoss() for a classifier)."
             )
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
@@ -234,6 +288,20 @@ class CurvatureOperator(LinearOperator):
         """A data-independent term added after the pass (``None``: nothing)."""
         return None
 
+    @property
+    def _second_order(self) -> bool:
+        """Whether products differentiate twice or in forward mode (SDPA then needs its math path)."""
+        return True
+
+    def _begin_product(self, X: Tensor) -> None:
+        """Called before the pass of a product ``A X`` (kernels with state of their own)."""
+
+    def _commit(self, ctx: _BatchContext) -> None:
+        """Called when a batch's column chunk succeeded (kernels with side results)."""
+
+    def _end_product(self, X: Tensor, out: Tensor) -> None:
+        """Called after the pass with the product (side results are all-reduced here)."""
+
     def _kernels(self) -> list[tuple[float, CurvatureOperator]]:
         return [(1.0, self)]
 
@@ -245,10 +313,21 @@ class CurvatureOperator(LinearOperator):
         all_params = problem.parameters()
         params = {n: all_params[n] for n in space.names}
         frozen = problem.frozen_parameters(params)
-        with problem.model_context(), torch.enable_grad():
-            for batch in problem.batches():
-                self._accumulate_batch(batch, params, frozen, kernels, Xp, out)
+        second_order = any(op._second_order for _, op in kernels)
+        with problem.model_context(), torch.enable_grad(), problem.product_context(second_order):
+            for _, op in kernels:
+                op._begin_product(X)
+            try:
+                for batch in problem.batches():
+                    self._accumulate_batch(batch, params, frozen, kernels, Xp, out)
+            except (RuntimeError, NotImplementedError) as err:
+                if isinstance(err, (torch.OutOfMemoryError, CurvatureProductError,
+                                    distributed.DistributedTimeoutError)):
+                    raise
+                raise _product_error(self, err) from err
         problem.all_reduce(out)
+        for _, op in kernels:
+            op._end_product(X, out)
         for coef, op in kernels:
             extra = op._correction(X)
             if extra is not None:
@@ -283,11 +362,14 @@ class CurvatureOperator(LinearOperator):
         while start < k:
             size = min(self.chunk_size or k, k - start)
             V = self.param_space.split(Xp[:, start : start + size])
+            ctx.columns = slice(start, start + size)
             try:
                 total: Tensor | None = None
                 for coef, op in kernels:
                     part = self.param_space.join(op._batch_product(ctx, V), batched=True)
                     total = coef * part if total is None else total.add_(part, alpha=coef)
+                for _, op in kernels:
+                    op._commit(ctx)
             except torch.OutOfMemoryError as err:
                 if size == 1:
                     raise _OneColumnTooLargeError(start) from err
@@ -364,35 +446,69 @@ class HessianOperator(CurvatureOperator):
         params: a block of the Problem's parameters (default: all of them).
         engine: ``"forward_over_reverse"`` (``torch.func`` jvp of the gradient, vmapped over the
             columns), ``"double_backward"`` (autograd: one forward and backward per batch, then a
-            batched backward over the columns), or ``"auto"`` (default: double-backward with the
-            first backward's graph reused column by column for one column or on a CPU, where each
-            column then costs about one gradient; the vmapped forward-over-reverse for several
-            columns on an accelerator, where a batch of columns costs less than a gradient each).
-            The engines are cross-checked in the tests.
+            batched backward over the columns), ``"finite_difference"`` (central differences of
+            the gradient, Richardson-extrapolated: first derivatives only, for kernels without a
+            second derivative; each product's error estimate is in :attr:`last_error_estimate`;
+            see :mod:`curvscope.curvature._finite_difference`), or ``"auto"`` (default:
+            double-backward with the first backward's graph reused column by column for one
+            column or on a CPU, where each column then costs about one gradient; the vmapped
+            forward-over-reverse for several columns on an accelerator). ``auto`` checks its exact
+            engine once against finite differences on the first batch (a kernel whose backward
+            is not itself differentiable, such as a custom ``autograd.Function``, gives a silently
+            wrong double backward), and takes finite differences, with a warning, only when no
+            exact engine can run or the exact one disagrees.
         chunk_size: columns per vmapped call (default: all; halves on out-of-memory).
+        richardson: finite differences with Richardson's extrapolation (4 gradients per column
+            instead of 2, error ``O(h^4)`` instead of ``O(h^2)``, and a truncation estimate).
+
+    Attributes:
+        last_error_estimate: ``[k]`` estimated error norms ``||(H V)_j - H v_j||`` of the last
+            finite-difference product (``None`` after an exact one).
     """
 
     def __init__(self, problem: Problem, *, params: Any = None,
-                 engine: str = "auto", chunk_size: int | None = None) -> None:
+                 engine: str = "auto", chunk_size: int | None = None,
+                 richardson: bool = True) -> None:
         if engine not in HESSIAN_ENGINES:
             raise ValueError(f"engine must be one of {HESSIAN_ENGINES}, got {engine!r}.")
         self.engine = engine
-        super().__init__(problem, params=params, chunk_size=chunk_size, engine=engine)
+        self.richardson = bool(richardson)
+        self.last_error_estimate: Tensor | None = None
+        self._fd: dict[str, Any] = {}
+        super().__init__(problem, params=params, chunk_size=chunk_size, engine=engine,
+                         richardson=richardson)
 
     @property
     def active_engine(self) -> str:
-        """The engine in use: ``engine``, or ``double_backward`` after a fallback."""
+        """The engine in use: ``engine``, or the one curvscope switched to after a fallback."""
+        if self._engine_flags.get("hessian_finite_difference"):
+            return "finite_difference"
         return "double_backward" if self._engine_flags.get("hessian_double_backward") else self.engine
 
+    @property
+    def _second_order(self) -> bool:
+        return self.active_engine != "finite_difference"
+
+    def matmat_with_error(self, X: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(H X, error estimate [k])``; the estimate is ``None`` for exact engines."""
+        return self @ X, self.last_error_estimate
+
+    # ---------------------------------------------------------------- engines
     def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         k = next(iter(V.values())).shape[0]
         engine = self.active_engine
+        if engine == "finite_difference":
+            return self._finite_difference(ctx, V)
         if engine == "auto":
+            if not self._engine_flags.get("hessian_verified"):
+                self._verify_exact_engine(ctx)
+                if self.active_engine == "finite_difference":
+                    return self._finite_difference(ctx, V)
             # one column, or a CPU: double-backward, reusing the first backward's graph for every
             # column (about one gradient per column on a CPU); several columns on an
             # accelerator: the vmapped jvp, where a batch of columns costs less than a gradient
             if k == 1 or ctx.problem.device.type == "cpu":
-                return self._double_backward(ctx, V, loop=True)
+                return self._double_backward_or_fallback(ctx, V, loop=True)
             return self._forward_over_reverse_or_fallback(ctx, V)
         if engine == "forward_over_reverse":
             return self._forward_over_reverse_or_fallback(ctx, V)
@@ -407,7 +523,120 @@ class HessianOperator(CurvatureOperator):
             _fall_back(err, "the forward-over-reverse Hessian engine failed",
                        "using engine='double_backward' for this operator from now on")
             self._engine_flags["hessian_double_backward"] = True
-        return self._double_backward(ctx, V)
+        return self._double_backward_or_fallback(ctx, V)
+
+    def _double_backward_or_fallback(self, ctx: _BatchContext, V: dict[str, Tensor],
+                                     loop: bool = False) -> dict[str, Tensor]:
+        if self.engine != "auto":
+            return self._double_backward(ctx, V, loop=loop)
+        try:
+            return self._double_backward(ctx, V, loop=loop)
+        except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
+            _fall_back(err, "no exact Hessian engine runs on this model (no second derivative)",
+                       "using engine='finite_difference' (central differences of the gradient, "
+                       "Richardson-extrapolated, with an error estimate in last_error_estimate) "
+                       "for this operator from now on")
+            self._engine_flags["hessian_finite_difference"] = True
+        return self._finite_difference(ctx, V)
+
+    def _verify_exact_engine(self, ctx: _BatchContext) -> None:
+        """Compare the exact engine with finite differences on one column of this batch, once.
+
+        A disagreement far beyond the finite-difference error estimate means that the exact
+        double backward is wrong for this model (a backward that is not itself differentiable):
+        the operator then switches to finite differences and warns.
+        """
+        self._engine_flags["hessian_verified"] = True
+        gen = torch.Generator(device="cpu").manual_seed(20240901)
+        v = torch.randn(self.param_space.size, 1, generator=gen, dtype=torch.float64)
+        V = self.param_space.split(v.to(device=self.device, dtype=self.problem.dtype))
+        saved = (self._fd, ctx.columns)
+        try:
+            exact = self.param_space.join(self._double_backward_or_fallback(ctx, V, loop=True),
+                                          batched=True)
+            if self.active_engine == "finite_difference":
+                return
+            self._fd = self._fd_state(v.to(self.problem.dtype))
+            ctx.columns = slice(0, 1)
+            approx = self.param_space.join(self._finite_difference(ctx, V), batched=True)
+        finally:
+            check = self._fd
+            self._fd, ctx.columns = saved
+        _fold_pending(check)
+        estimate = _fd_error(check, approx)[0]
+        eps = torch.finfo(self.problem.dtype).eps
+        gap = float((exact - approx).to(torch.float64).norm())
+        scale = float(approx.to(torch.float64).norm())
+        if gap > 10 * float(estimate) + 100 * eps**0.5 * scale:
+            warnings.warn(
+                f"the exact Hessian engine disagrees with finite differences of the gradient on "
+                f"this model: relative difference {gap / max(scale, 1e-300):.2e} on a random "
+                f"vector (finite-difference error estimate {float(estimate) / max(scale, 1e-300):.1e})"
+                ". A kernel's backward is not itself differentiable (a custom autograd.Function "
+                "or a detached backward?); using engine='finite_difference' for this operator.",
+                EngineMismatchWarning, stacklevel=6)
+            self._engine_flags["hessian_finite_difference"] = True
+
+    # ---------------------------------------------------------------- finite differences
+    def _fd_state(self, X: Tensor) -> dict[str, Any]:
+        if "theta_norm" not in self._fd:
+            params = self.problem.parameters()
+            theta = torch.cat([params[n].reshape(-1) for n in self.param_space.names])
+            self._fd["theta_norm"] = float(theta.to(torch.float64).norm())
+        theta_norm = self._fd["theta_norm"]
+        return {
+            "theta_norm": theta_norm,
+            "steps": fd_steps(theta_norm, self.param_space.size, X, self.problem.dtype,
+                              self.richardson),
+            "truncation": torch.zeros(X.shape, dtype=torch.float64, device=self.device)
+            if self.richardson else None,
+            "rounding": torch.zeros(X.shape[1], dtype=torch.float64, device=self.device),
+            "pending": [],
+        }
+
+    def _begin_product(self, X: Tensor) -> None:
+        self._fd = self._fd_state(X)
+        self.last_error_estimate = None
+
+    def _commit(self, ctx: _BatchContext) -> None:
+        _fold_pending(self._fd)
+
+    def _end_product(self, X: Tensor, out: Tensor) -> None:
+        if self.active_engine == "finite_difference" and self._fd:
+            if self._fd["truncation"] is not None:
+                self.problem.all_reduce(self._fd["truncation"])
+            self.problem.all_reduce(self._fd["rounding"])
+            self.last_error_estimate = _fd_error(self._fd, out)
+
+    def _finite_difference(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's ``(g_b(theta + h v) - g_b(theta - h v)) / 2h`` per column (see the module
+        :mod:`~curvscope.curvature._finite_difference`), with the same ``h`` on every batch.
+        """
+        names = list(V)
+        k = V[names[0]].shape[0]
+        if not self._fd:
+            raise RuntimeError("finite-difference product outside a product pass")  # pragma: no cover
+        steps = self._fd["steps"][ctx.columns]
+        eps = torch.finfo(self.problem.dtype).eps
+        values, truncations, roundings = [], [], []
+        for j in range(k):
+            def gradient_at(t: float, j: int = j) -> Tensor:
+                leaves = {n: (ctx.params[n] + t * V[n][j]).detach().requires_grad_(True)
+                          for n in names}
+                grads = torch.autograd.grad(ctx.loss(leaves), list(leaves.values()),
+                                            allow_unused=True, materialize_grads=True)
+                return torch.cat([g.reshape(-1) for g in grads])
+
+            value, truncation, rounding = central_differences(gradient_at, float(steps[j]),
+                                                              self.richardson, eps)
+            values.append(value)
+            truncations.append(truncation)
+            roundings.append(rounding)
+        trunc = None if truncations[0] is None else torch.stack(
+            [t.to(torch.float64) for t in truncations if t is not None], 1)
+        self._fd["pending"].append((ctx.columns, trunc,
+                                    torch.tensor(roundings, dtype=torch.float64, device=self.device)))
+        return self.param_space.split(torch.stack(values, 1))
 
     def _double_backward(self, ctx: _BatchContext, V: dict[str, Tensor],
                          loop: bool = False) -> dict[str, Tensor]:
@@ -454,6 +683,7 @@ class GGNOperator(CurvatureOperator):
     """
 
     _tags = frozenset({SYMMETRIC, PSD})
+    _needs_loss_of_outputs = True
 
     def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         z, _ = ctx.linearization()
@@ -467,6 +697,7 @@ class _PerExampleGradientKernel(CurvatureOperator):
     """Shared kernel ``c J^T [g_i <g_i, (J V)_i>]_i`` with per-example output gradients ``g_i``."""
 
     _tags = frozenset({SYMMETRIC, PSD})
+    _needs_loss_of_outputs = True
 
     def _output_gradients(self, ctx: _BatchContext) -> list[Tensor]:
         raise NotImplementedError
@@ -576,6 +807,46 @@ class FisherMCOperator(_PerExampleGradientKernel):
         z, _ = ctx.linearization()
         r = reduction_factor(ctx.loss_kind(), self.problem.reduction, z, ctx.batch.target)
         return ctx.batch.weight * r
+
+
+def _fold_pending(state: dict[str, Any]) -> None:
+    """Add the side results of a succeeded batch chunk to the finite-difference accumulators."""
+    for cols, truncation, rounding in state.get("pending", []):
+        if truncation is not None:
+            state["truncation"][:, cols] += truncation
+        state["rounding"][cols] += rounding
+    if state:
+        state["pending"] = []
+
+
+def _fd_error(state: dict[str, Any], product: Tensor) -> Tensor:
+    """``[k]`` error estimates of the finite-difference product ``product [P, k]``."""
+    rounding = state["rounding"].sqrt()
+    if state["truncation"] is None:
+        return rounding
+    norms = product.detach().to(torch.float64).norm(dim=0)
+    return richardson_truncation(state["truncation"].norm(dim=0), norms) + rounding
+
+
+def _product_error(op: CurvatureOperator, err: BaseException) -> CurvatureProductError:
+    """What failed (engine, module type), why (the first line of torch's error) and what to do."""
+    from curvscope.curvature._diagnose import locate_failure
+
+    engine = getattr(op, "active_engine", None) or "the Jacobian-product engines"
+    where = locate_failure(op.problem, err)
+    fixes = []
+    if op.problem.attention == "native" and "scaled_dot_product" in str(err):
+        fixes.append("use attention='auto' (SDPA's math path has second derivatives)")
+    if isinstance(op, HessianOperator) and op.active_engine != "finite_difference":
+        fixes.append("pass engine='finite_difference' (first derivatives only, with an error "
+                     "estimate)")
+    elif not isinstance(op, HessianOperator):
+        fixes.append("the Hessian with engine='finite_difference' needs first derivatives only")
+    fixes.append("or replace the module by one built from differentiable torch ops")
+    return CurvatureProductError(
+        f"{type(op).__name__} product failed (engine {engine!r}) in {where}: {_first_line(err)}; "
+        f"{'; '.join(fixes)}."
+    )
 
 
 def ResidualOperator(problem: Problem, *, params: Any = None,  # noqa: N802 - reads as a class

@@ -18,15 +18,15 @@ from curvscope.curvature import (
     EmpiricalFisherOperator,
     EngineFallbackWarning,
     EngineMismatchWarning,
-    ModelOutputLoss,
-    TokenCrossEntropyLoss,
     FisherMCOperator,
     GGNOperator,
     GradientCovarianceOperator,
     HessianOperator,
+    ModelOutputLoss,
     ParamSpace,
     Problem,
     ResidualOperator,
+    TokenCrossEntropyLoss,
 )
 from curvscope.estimators import (
     DiagonalEstimate,

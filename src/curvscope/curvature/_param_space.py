@@ -46,10 +46,15 @@ class ParamSpace:
         dtypes = {t.dtype for t in tensors}
         devices = {t.device for t in tensors}
         if len(dtypes) > 1 or len(devices) > 1:
+            groups: dict[str, list[str]] = {}
+            for name, t in params.items():
+                groups.setdefault(f"{t.dtype} on {t.device}", []).append(name)
+            where = "; ".join(f"{k}: {v if len(v) <= 3 else [*v[:2], f'... ({len(v)} in all)']}"
+                              for k, v in groups.items())
             raise ValueError(
                 f"all selected parameters must share one dtype and device, got dtypes "
-                f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}; convert the "
-                "model with model.to(dtype=..., device=...)."
+                f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))} ({where}); "
+                "convert the model with model.to(dtype=..., device=...)."
             )
         return cls(tuple(params), tuple(tuple(t.shape) for t in tensors), tensors[0].dtype,
                    tensors[0].device)

@@ -17,15 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvscope import distributed
+from curvscope.curvature._attention import (
+    ATTENTION_MODES,
+    AttentionBackendWarning,
+    AttentionProbe,
+    probe_attention,
+    product_context,
+)
+from curvscope.curvature._input_checks import check_not_meta, check_target_shape
+from curvscope.curvature._losses import ModelOutputLoss, count_loss_terms
 from curvscope.curvature._param_space import ParamSpace, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -149,8 +159,12 @@ class Problem:
         batch_fn: ``batch -> (inputs, target)``; inputs a Tensor (``model(x)``), tuple
             (``model(*x)``) or dict (``model(**x)``).
         output_fn: ``model output -> prediction tensor`` (default: the tensor, or ``.logits``).
-        batch_size_fn: ``target -> n_b`` (default: ``target.shape[0]``). For token-level mean
-            losses return the number of loss terms, e.g. ``lambda y: int((y != -100).sum())``.
+        batch_size_fn: ``target -> n_b``, the number of terms the batch's ``mean`` loss averages
+            over. Default: for cross-entropy losses (``nn.CrossEntropyLoss``,
+            :class:`~curvscope.TokenCrossEntropyLoss`, :class:`~curvscope.CausalLMLoss`) the
+            targets not equal to ``ignore_index`` (after a causal LM's shift), so token-level
+            losses over batches with different padding are weighted exactly; for the model's own
+            loss (:class:`~curvscope.ModelOutputLoss`) likewise; otherwise ``target.shape[0]``.
         num_data: ``N = sum_b n_b`` if known; otherwise one counting pass over the data.
         mode: ``"eval"`` (BatchNorm uses running statistics) or ``"batch_stats"`` (BatchNorm
             normalises with each batch's statistics and does not update the running ones).
@@ -164,6 +178,15 @@ class Problem:
         shard: under ``torch.distributed`` (more than one rank): ``"round_robin"`` (every rank is
             given the same data and keeps batches ``rank, rank + W, ...``) or ``"local"`` (the
             data are already this rank's shard). Products, counts and gradients are all-reduced.
+        attention: kernels of the exact second-order products. ``"auto"`` (default): when the
+            model calls a fused ``scaled_dot_product_attention`` kernel (no second derivative),
+            run those products on SDPA's math backend and say so once, with the memory it adds;
+            ``"math"``: the same, silently; ``"native"``: leave the kernels as they are (for
+            ``engine="finite_difference"``). The eval-mode fast path of
+            ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` is off in every product.
+
+    A ``torch.compile``'d model is analysed through its original module (compiled graphs have no
+    double backward); the parameters are the same tensors.
 
     Raises:
         TypeError, ValueError: bad input; every message says what was expected, what came and
@@ -189,9 +212,17 @@ class Problem:
         progress: bool = False,
         validate: bool = True,
         shard: str = "round_robin",
+        attention: str = "auto",
     ) -> None:
+        distributed.ensure_process_group()  # under torchrun without init_process_group: init it
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model = _uncompiled(model)
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}.")
+        self.attention = attention
+        self._attention_probe: AttentionProbe | None = None
+        self._attention_announced = False
         if not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got "
@@ -216,12 +247,15 @@ class Problem:
         self.loss_fn = loss_fn
         self.data = data
         self.reduction = _infer_reduction(loss_fn, reduction)
-        self.batch_fn = batch_fn or default_batch_fn
-        self.output_fn = output_fn or default_output_fn
-        self.batch_size_fn = batch_size_fn or default_batch_size_fn
+        own_loss = isinstance(loss_fn, ModelOutputLoss)
+        self.batch_fn = batch_fn or (_model_loss_batch_fn(cast(ModelOutputLoss, loss_fn)) if own_loss
+                                     else default_batch_fn)
+        self.output_fn = output_fn or (_identity if own_loss else default_output_fn)
+        self.batch_size_fn = batch_size_fn or _loss_terms_counter(loss_fn, model)
         self.mode = mode
         self.move_batches = move_batches
         self.progress = progress
+        check_not_meta(model)
         self._params = select_parameters(model, params)
         self.param_space = ParamSpace.from_tensors(self._params)
         if accumulate_dtype is not None and not accumulate_dtype.is_floating_point:
@@ -465,6 +499,39 @@ class Problem:
             for m, flag in flags:
                 m.training = flag
 
+    # ---------------------------------------------------------------- kernels
+    def attention_probe(self) -> AttentionProbe:
+        """The attention kernels one forward on the first batch calls (measured once, cached)."""
+        if self._attention_probe is None:
+            first = next(iter(self._indexed_batches()), None)
+            if first is None:  # this rank holds no batch
+                self._attention_probe = AttentionProbe()
+            else:
+                inputs = first[1]
+                params = {**self.frozen_parameters(self.parameters()), **self.parameters()}
+                with self.model_context(), torch.no_grad():
+                    self._attention_probe = probe_attention(lambda: self.forward(params, inputs))
+        return self._attention_probe
+
+    def product_context(self, second_order: bool = True) -> contextlib.AbstractContextManager:
+        """Kernel settings for one curvature product (see ``attention``).
+
+        The first exact product of a model that calls fused SDPA kernels says once, with an
+        :class:`AttentionBackendWarning`, that it runs them on the math path and what that costs.
+        """
+        if second_order and self.attention == "auto" and not self._attention_announced:
+            self._attention_announced = True
+            probe = self.attention_probe()
+            if probe.uses_fused_attention:
+                warnings.warn(
+                    f"{type(self.model).__name__}: {probe.describe(self.dtype.itemsize)}. Fused "
+                    "attention kernels have no second derivative, so curvscope runs its exact "
+                    "products with torch.nn.attention.SDPBackend.MATH (the same function). "
+                    "Pass attention='math' to silence this, or attention='native' with "
+                    "engine='finite_difference' to keep the fused kernels.",
+                    AttentionBackendWarning, stacklevel=4)
+        return product_context(self.attention, second_order)
+
     # ---------------------------------------------------------------- loss and gradient
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
         """``L(theta)`` and ``grad L(theta)`` (flat ``[P]``) over the whole data, one pass."""
@@ -509,6 +576,7 @@ class Problem:
                     f"{_first_line(err)}; check that batch_fn returns (inputs, target) in the "
                     "form the model's forward expects."
                 ) from err
+            check_target_shape(self.loss_fn, output, batch.target)
             try:
                 loss = self.batch_loss(output, batch.target)
             except (RuntimeError, ValueError, IndexError) as err:
@@ -593,6 +661,45 @@ class Problem:
             causes.append("randomness inside the model or the data pipeline (random "
                           "augmentation, sampling, non-deterministic kernels)")
         return causes
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The original module of a ``torch.compile``'d one (compiled graphs have no double backward)."""
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        logger.info("analysing the original module of a torch.compile'd model")
+        return original
+    return model
+
+
+def _identity(output: Any) -> Any:
+    return output
+
+
+def _model_loss_batch_fn(loss_fn: ModelOutputLoss) -> Callable[[Any], tuple[Any, Any]]:
+    """Dict batches go to the model whole (labels included); the labels are also the target."""
+    key = loss_fn.label_key
+
+    def batch_fn(batch: Any) -> tuple[Any, Any]:
+        if not isinstance(batch, Mapping) or key not in batch:
+            got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+            raise TypeError(
+                f"ModelOutputLoss passes the labels to the model, so batches must be dicts with "
+                f"the key {key!r}, got {got}; build dict batches, or use a loss of the logits "
+                "(e.g. curvscope.CausalLMLoss()) with (inputs, target) batches."
+            )
+        return dict(batch), batch[key]
+
+    return batch_fn
+
+
+def _loss_terms_counter(loss_fn: Callable[..., Any], model: nn.Module) -> Callable[[Any], int]:
+    """The default ``batch_size_fn``: the number of terms of the batch's loss."""
+
+    def batch_size_fn(target: Any) -> int:
+        return count_loss_terms(loss_fn, target, model)
+
+    return batch_size_fn
 
 
 def _first_dim(target: Any) -> int | None:

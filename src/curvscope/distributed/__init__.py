@@ -14,13 +14,17 @@ process group's timeout instead of hanging (set it with ``init_process_group(tim
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 SHARDING = ("round_robin", "local")
+
+logger = logging.getLogger(__name__)
 
 
 class DistributedTimeoutError(RuntimeError):
@@ -73,10 +77,63 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
     return world()
 
 
+def ensure_process_group(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialise the process group from torchrun's environment when the script did not.
+
+    Under ``torchrun --nproc_per_node=W`` (``WORLD_SIZE`` > 1 and ``RANK`` set) with no process
+    group, every rank would otherwise run the whole job alone; this initialises the group with
+    :func:`init_from_env` (one warning per rank says so) so that the ranks share the batches.
+    Without torchrun's environment, or with a group already initialised, it changes nothing.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` in one process.
+
+    Raises:
+        RuntimeError: the environment asks for several ranks but the group cannot be initialised.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return world()
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None or "RANK" not in os.environ:
+        return 0, 1
+    try:
+        size = int(raw)
+    except ValueError:
+        raise RuntimeError(
+            f"WORLD_SIZE must be an integer (torchrun sets it), got {raw!r}; launch with "
+            "torchrun --nproc_per_node=N your_script.py, or unset WORLD_SIZE for one process."
+        ) from None
+    if size <= 1:
+        return 0, 1
+    rank = os.environ["RANK"]
+    try:
+        if not dist.is_available():
+            raise RuntimeError("this torch build has no torch.distributed")
+        result = init_from_env(backend, timeout_s=timeout_s)
+    except Exception as err:  # noqa: BLE001 - any failure of the rendezvous is reported the same way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(
+            f"the environment says this is rank {rank} of WORLD_SIZE={size} (torchrun), but "
+            "torch.distributed is not initialised and initialising it from the environment "
+            f"failed ({type(err).__name__}: {first}); call torch.distributed.init_process_group() "
+            "(or curvscope.distributed.init_from_env()) at the top of the script, or run one "
+            "process without torchrun."
+        ) from err
+    message = (
+        f"curvscope initialised torch.distributed from the environment (rank {result[0]} of "
+        f"{result[1]}, backend {dist.get_backend()}): the script did not call "
+        "init_process_group(); batches are sharded over the ranks."
+    )
+    logger.info(message)
+    warnings.warn(message, stacklevel=3)
+    return result
+
+
 __all__ = [
     "SHARDING",
     "DistributedTimeoutError",
     "all_reduce_sum",
+    "ensure_process_group",
     "init_from_env",
     "is_active",
     "world",

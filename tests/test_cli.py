@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from curvscope.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from curvscope.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from curvscope.report import load_bundle
 
 FAST = ["--budget", "small", "--no-progress", "-k", "12"]
@@ -97,11 +97,14 @@ def test_run_the_shipped_example(tmp_path, capsys):
 
 
 def _one_line_error(capsys, code, expected_code, pattern):
-    err = capsys.readouterr().err.strip()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert code == expected_code
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    assert re.search(pattern, err), err
+    assert lines, "nothing on stderr"
+    # one line for the error; before it, at most one-line notes (warnings) of the run
+    notes, err = lines[:-1], lines[-1]
+    assert all(re.match(r"^curvscope \w+: note: \w+: ", n) for n in notes), lines
+    assert "Traceback" not in "\n".join(lines)
+    assert re.search(pattern, err), lines
 
 
 def test_missing_run_file(tmp_path, capsys):
@@ -125,7 +128,9 @@ def test_file_without_factories(tmp_path, capsys):
 def test_wrong_loss_type(tmp_path, capsys):
     path = _write(tmp_path, RUN_FILE.format(loss="nn.MSELoss()"))
     code = main(["run", str(path), "--out", str(tmp_path / "o"), *FAST])
-    _one_line_error(capsys, code, EXIT_USAGE, "the loss failed on the first batch")
+    _one_line_error(capsys, code, EXIT_USAGE, r"MSELoss compares output and target element by element "
+                    r"and needs a target of the output's shape \[16, 3\], got target \[16\].*for "
+                    "class labels use nn.CrossEntropyLoss")
     path = _write(tmp_path, RUN_FILE.format(loss="'cross_entropy'"))
     code = main(["run", str(path), "--out", str(tmp_path / "o"), *FAST])
     _one_line_error(capsys, code, EXIT_USAGE, r"loss\(\) must return a callable loss")
@@ -170,3 +175,186 @@ def test_bad_device_and_classes(tmp_path, capsys):
         path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
         code = main(["run", str(path), "--device", "cuda", "--out", str(tmp_path / "o"), *FAST])
         _one_line_error(capsys, code, EXIT_USAGE, "torch sees no GPU")
+
+
+# ----------------------------------------------------------------------------- bad input (issue 9)
+HELPER_RUN_FILE = """
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import curvscope_helper_beside_run_file as helper  # a module beside the run file
+
+HERE = Path(__file__).parent  # __file__ is set, as under `python FILE`
+
+if __name__ == "__main__":
+    raise SystemExit("the run file must not run as __main__")
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+def loss():
+    return nn.CrossEntropyLoss()
+
+def data():
+    import curvscope_helper_imported_late  # imported while the factory runs, after loading
+    x, y = helper.make_data(int((HERE / "n.txt").read_text()))
+    return [(x[:16], y[:16]), (x[16:], y[16:])]
+"""
+
+
+def test_run_file_is_imported_like_python_file(tmp_path, capsys):
+    """Its folder is on sys.path while it loads and while the factories run; __file__ is set."""
+    import sys
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "curvscope_helper_beside_run_file.py").write_text(textwrap.dedent("""
+        import torch
+
+        def make_data(n):
+            g = torch.Generator().manual_seed(1)
+            return torch.randn(n, 4, generator=g), torch.arange(n) % 3
+    """))
+    (folder / "curvscope_helper_imported_late.py").write_text("")
+    (folder / "n.txt").write_text("30")
+    path = folder / "user_model.py"
+    path.write_text(textwrap.dedent(HELPER_RUN_FILE))
+    out = tmp_path / "out"
+    code = main(["run", str(path), "--out", str(out), *FAST])
+    assert code == EXIT_OK, capsys.readouterr().err
+    assert load_bundle(out).analysis.info["num_data"] == 30
+    assert str(folder) not in sys.path  # restored after the command
+
+
+def test_failure_before_any_stage_does_not_mention_partial_results(tmp_path, capsys, monkeypatch):
+    import curvscope.analysis.spectrum as spectrum
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash before the first stage\nsecond line of detail")
+
+    monkeypatch.setattr(spectrum, "analyze", crash)
+    path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "partial.json").write_text("{}")  # an older run's file: not this run's results
+    code = main(["run", str(path), "--out", str(out), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_FAILED
+    assert err == "curvscope run: failed: RuntimeError: simulated crash before the first stage"
+
+
+def test_failure_after_a_stage_names_the_partial_file(tmp_path, capsys, monkeypatch):
+    import curvscope.analysis.spectrum as spectrum
+
+    def failing_slq(*args, **kwargs):
+        raise RuntimeError("simulated crash in the density")
+
+    monkeypatch.setattr(spectrum, "slq", failing_slq)
+    path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
+    out = tmp_path / "o"
+    code = main(["run", str(path), "--out", str(out), *FAST])
+    _one_line_error(capsys, code, EXIT_FAILED, "^curvscope run: failed: RuntimeError: simulated crash in "
+                    f"the density; partial results are kept in {re.escape(str(out / 'partial.json'))}$")
+    assert {"top", "bottom"} <= set(json.loads((out / "partial.json").read_text())["stages_done"])
+
+
+DEEP_TORCH_ERROR = """
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class Square(torch.autograd.Function):  # old-style: no setup_context, so no torch.func
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return Square.apply(self.lin(x))
+
+
+def model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def loss():
+    return nn.CrossEntropyLoss()
+
+
+def data():
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(30) % 3
+    return [(x[:16], y[:16]), (x[16:], y[16:])]
+"""
+
+
+def test_an_error_from_deep_inside_torch_is_one_line(tmp_path, capsys):
+    """torch's own error from a transform (curvscope may wrap it): exit 1, one line, no traceback."""
+    path = _write(tmp_path, DEEP_TORCH_ERROR)
+    out = tmp_path / "o"
+    code = main(["run", str(path), "--out", str(out), "--budget", "small", "--no-progress", "-k", "3"])
+    _one_line_error(capsys, code, EXIT_FAILED,
+                    r"^curvscope run: failed: \w+: .*In order to use an autograd.Function "
+                    r"with functorch transforms .*; partial results are kept in "
+                    f"{re.escape(str(out / 'partial.json'))}$")
+
+
+def test_interrupt_names_the_partial_file_only_when_written(tmp_path, capsys, monkeypatch):
+    import curvscope.analysis.spectrum as spectrum
+
+    path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spectrum, "analyze", interrupt)
+    code = main(["run", str(path), "--out", str(tmp_path / "a"), *FAST])
+    assert code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "curvscope run: interrupted"
+    monkeypatch.undo()
+    monkeypatch.setattr(spectrum, "slq", interrupt)  # after the top and bottom stages
+    code = main(["run", str(path), "--out", str(tmp_path / "b"), *FAST])
+    assert code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == (
+        f"curvscope run: interrupted; partial results are in {tmp_path / 'b' / 'partial.json'}")
+
+
+@pytest.mark.parametrize("k", ["0", "-3"])
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_non_positive_k_is_bad_usage(tmp_path, capsys, command, k):
+    path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
+    target = [] if command == "demo" else [str(path)]
+    code = main([command, *target, "--out", str(tmp_path / "o"), "--no-progress", "-k", k])
+    _one_line_error(capsys, code, EXIT_USAGE,
+                    rf"^curvscope {command}: error: -k must be at least 1 \(the number of top "
+                    rf"eigenpairs\), got {k}; omit it for the default \(2C \+ 10 for C classes\)\.$")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_model_on_the_meta_device_is_bad_usage(tmp_path, capsys):
+    body = RUN_FILE.format(loss="nn.CrossEntropyLoss()").replace(
+        "nn.Linear(8, 3))", "nn.Linear(8, 3)).to('meta')")
+    path = _write(tmp_path, body)
+    code = main(["run", str(path), "--out", str(tmp_path / "o"), *FAST])
+    _one_line_error(capsys, code, EXIT_USAGE,
+                    r"^curvscope run: error: the model's tensors \['0.weight', '0.bias', '2.weight', "
+                    r"'2.bias'\] are on the meta device \(shapes only, no values\).*"
+                    r"model.to_empty\(device='cpu'\)")

@@ -292,7 +292,8 @@ def class_structure(
         proj.copy_(state["proj"])
         last_done = state["last_batch"]
     done_batches = 0
-    with problem.model_context(), torch.enable_grad():
+    # batched vjps: the math SDPA path vmaps, fused kernels fall back to a slow loop
+    with problem.model_context(), torch.enable_grad(), problem.product_context():
         for batch in problem.batches():
             if batch.index <= last_done:
                 continue

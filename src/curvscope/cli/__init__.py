@@ -14,13 +14,15 @@ computed before a failure stays in ``OUT/partial.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import runpy
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,8 @@ class _Stages:
 
     def __init__(self, out: Path, show: bool) -> None:
         self.out, self.bar = out, None
+        self.path = out / "partial.json"
+        self.written = False  # whether this run wrote partial.json (an older one may be there)
         self.partial: dict[str, Any] = {}
         if show:
             from tqdm.auto import tqdm
@@ -108,8 +112,8 @@ class _Stages:
 
     def __call__(self, name: str, done: dict[str, Any]) -> None:
         self.partial.update(done)
-        _write_json_atomic(self.out / "partial.json", {"stages_done": list(self.partial),
-                                                       **self.partial})
+        _write_json_atomic(self.path, {"stages_done": list(self.partial), **self.partial})
+        self.written = True
         if self.bar is not None:
             self.bar.set_postfix_str(name)
             self.bar.update(1)
@@ -128,6 +132,12 @@ def _dtype(name: str | None) -> Any:
 def _prepare_model(model: Any, args: argparse.Namespace) -> Any:
     import torch
 
+    from curvscope.curvature._input_checks import check_not_meta
+
+    try:
+        check_not_meta(model)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     dtype = _dtype(args.dtype)
     try:
         device = torch.device(args.device)
@@ -158,6 +168,7 @@ def _analyse(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, out:
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
     stages = _Stages(out, show=not args.no_progress)
+    args.stages = stages  # main() names partial.json in a failure message only once it exists
     try:
         analysis = analyze(problem, k=args.k, budget=args.budget, seed=args.seed,
                            on_stage=stages)
@@ -219,11 +230,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_factories(path: Path) -> dict[str, Any]:
+    """Execute the run file as ``python FILE`` would, but not as ``__main__``.
+
+    ``__file__`` is the file's absolute path and the file's folder is first on ``sys.path``, so a
+    module beside it imports (:func:`_run` keeps the folder there while the factories run).
+    """
     if not path.is_file():
         raise UsageError(f"run file {str(path)!r} not found; expected a Python file defining "
                          "model(), loss() and data().")
     try:
-        namespace = runpy.run_path(str(path))
+        namespace = runpy.run_path(str(path.resolve()), run_name=f"curvscope_run_{path.stem}")
     except Exception as err:  # noqa: BLE001 - any error in user code is bad input
         raise UsageError(f"{path} failed to load: {type(err).__name__}: {err}") from err
     missing = [f for f in ("model", "loss", "data") if not callable(namespace.get(f))]
@@ -243,6 +259,16 @@ def _call(namespace: dict[str, Any], name: str, path: Path) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    folder = str(args.file.resolve().parent)
+    sys.path.insert(0, folder)  # as `python FILE` does: modules beside the run file import
+    try:
+        return _run_file(args)
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _run_file(args: argparse.Namespace) -> int:
     import torch
 
     ns = _load_factories(args.file)
@@ -311,12 +337,38 @@ def _compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Show each distinct warning once, as ``curvscope CMD: note: Category: message`` (no source
+    line from deep inside the library).
+    """
+    seen: set[str] = set()
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        text = f"{category.__name__}: {message}"
+        if text not in seen:
+            seen.add(text)
+            print(f"curvscope {command}: note: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", message=".*performance drop because we have not yet "
+                                "implemented the batching rule.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = show
+        yield
+
+
 COMMANDS = {"demo": _demo, "run": _run, "report": _report, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
+    if getattr(args, "k", None) is not None and args.k < 1:
+        print(f"curvscope {args.command}: error: -k must be at least 1 (the number of top "
+              f"eigenpairs), got {args.k}; omit it for the default (2C + 10 for C classes).", file=sys.stderr)
+        return EXIT_USAGE
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"curvscope {args.command}: error: --threads must be at least 1, got "
@@ -326,19 +378,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return COMMANDS[args.command](args)
+        with _one_line_warnings(args.command):
+            return COMMANDS[args.command](args)
     except UsageError as err:
         print(f"curvscope {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"curvscope {args.command}: interrupted; partial results are in the output "
-              "folder's partial.json", file=sys.stderr)
+        print(f"curvscope {args.command}: interrupted{_partial_note(args, 'are in')}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - one line, not a traceback from deep inside torch
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"curvscope {args.command}: failed: {type(err).__name__}: {first} (partial results "
-              "are kept in the output folder's partial.json)", file=sys.stderr)
+        first = f": {str(err).strip().splitlines()[0]}" if str(err).strip() else ""
+        print(f"curvscope {args.command}: failed: {type(err).__name__}{first}"
+              f"{_partial_note(args, 'are kept in')}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _partial_note(args: argparse.Namespace, verb: str) -> str:
+    """``"; partial results are in OUT/partial.json"`` when this run wrote it, else ``""``."""
+    stages = getattr(args, "stages", None)
+    if stages is None or not stages.written or not stages.path.is_file():
+        return ""
+    return f"; partial results {verb} {stages.path}"
 
 
 if __name__ == "__main__":  # pragma: no cover

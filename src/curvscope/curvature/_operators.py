@@ -126,10 +126,32 @@ class _BatchContext:
     def linearization(self) -> tuple[Tensor, Callable]:
         """``z_b`` and its vector-Jacobian product (computed once per batch)."""
         if "vjp" not in self.cache:
-            # torch.func.vjp is annotated with the union over ``has_aux``; without aux it is a pair
-            z, vjp_fn = cast(tuple[Tensor, Callable[..., Any]], vjp(self.output, self.params))
-            self.cache["vjp"] = (z.detach(), vjp_fn)
+            if not self.problem_flags.get("autograd_vjp"):
+                try:
+                    # torch.func.vjp is annotated with the union over ``has_aux``; without aux it
+                    # is a pair
+                    z, vjp_fn = cast(tuple[Tensor, Callable[..., Any]], vjp(self.output, self.params))
+                    self.cache["vjp"] = (z.detach(), vjp_fn)
+                    return self.cache["vjp"]
+                except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
+                    _fall_back(err, "torch.func.vjp failed on this model", "computing J^T u with "
+                               "plain autograd (one backward per column) instead")
+                    self.problem_flags["autograd_vjp"] = True
+            self.cache["vjp"] = self._autograd_linearization()
         return self.cache["vjp"]
+
+    def _autograd_linearization(self) -> tuple[Tensor, Callable]:
+        """``z_b`` and ``u -> J_b^T u`` by plain autograd on a retained graph (for models that
+        torch.func cannot transform, such as old-style ``autograd.Function`` s)."""
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        z = self.output(leaves)
+
+        def vjp_fn(u: Tensor) -> tuple[dict[str, Tensor]]:
+            grads = torch.autograd.grad(z, list(leaves.values()), grad_outputs=u, retain_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+            return ({n: g.detach() for n, g in zip(leaves, grads)},)
+
+        return z.detach(), vjp_fn
 
     def jacobian_product(self, V: dict[str, Tensor]) -> Tensor:
         """``J_b V``: ``[k, *z.shape]``.
@@ -185,12 +207,22 @@ class _BatchContext:
         live = [i for i, g in enumerate(Jt_u) if g.requires_grad]
         names = list(leaves)
         k = next(iter(V.values())).shape[0]
-        if not live:
-            return z.new_zeros(k, *z.shape)
-        (JV,) = torch.autograd.grad([Jt_u[i] for i in live], [u],
-                                    grad_outputs=[V[names[i]] for i in live],
-                                    is_grads_batched=True, allow_unused=True,
-                                    materialize_grads=True)
+        no_graph = RuntimeError(
+            "the double-vjp Jacobian product is not implemented for this model: J^T u has no "
+            "graph back to u (a backward that is not differentiable, e.g. @once_differentiable)")
+        if not live:  # z depends on theta, so J^T u must depend on u: its graph was not recorded
+            raise no_graph
+        outputs = [Jt_u[i] for i in live]
+        (JV,) = torch.autograd.grad(outputs, [u], grad_outputs=[V[names[i]] for i in live],
+                                    is_grads_batched=True, allow_unused=True, retain_graph=True)
+        if JV is None:  # torch would "materialise" this as zeros: a silently wrong J v
+            raise no_graph
+        if JV.shape != (k, *z.shape):  # the batched backward lost the batch (old-style Functions)
+            cols = [torch.autograd.grad(outputs, [u], grad_outputs=[V[names[i]][j] for i in live],
+                                        allow_unused=True, retain_graph=True)[0] for j in range(k)]
+            if any(c is None for c in cols):
+                raise no_graph
+            JV = torch.stack(cols)
         return JV.detach()
 
     def transpose_jacobian_product(self, U: Tensor) -> dict[str, Tensor]:
@@ -198,6 +230,9 @@ class _BatchContext:
         _, vjp_fn = self.linearization()
         if U.shape[0] == 1:  # no vmap for one column
             return {n: g.unsqueeze(0) for n, g in vjp_fn(U[0])[0].items()}
+        if self.problem_flags.get("autograd_vjp"):
+            cols = [vjp_fn(U[j])[0] for j in range(U.shape[0])]
+            return {n: torch.stack([c[n] for c in cols]) for n in cols[0]}
         return vmap(vjp_fn)(U)[0]
 
     def loss_kind(self) -> LossKind:
@@ -832,7 +867,7 @@ def _product_error(op: CurvatureOperator, err: BaseException) -> CurvatureProduc
     """What failed (engine, module type), why (the first line of torch's error) and what to do."""
     from curvscope.curvature._diagnose import locate_failure
 
-    engine = getattr(op, "active_engine", None) or "the Jacobian-product engines"
+    engine = getattr(op, "active_engine", None) or "Jacobian products"
     where = locate_failure(op.problem, err)
     fixes = []
     if op.problem.attention == "native" and "scaled_dot_product" in str(err):

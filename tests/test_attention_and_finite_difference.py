@@ -250,3 +250,53 @@ def test_torch_compiled_model_is_analysed_through_its_original_module():
     V = _vectors(b.num_params, 2)
     assert a.num_params == b.num_params
     assert torch.equal(cs.HessianOperator(a) @ V, cs.HessianOperator(b) @ V)
+
+
+class OldStyleSquare(torch.autograd.Function):
+    """No setup_context (torch.func cannot transform it) and a once-differentiable backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class OldStyleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return OldStyleSquare.apply(self.lin(x))
+
+
+def test_ggn_of_a_model_torch_func_cannot_transform():
+    """J^T u by plain autograd, J v by output differences; torch would return J v = 0 silently
+    through the once-differentiable backward, which curvscope refuses."""
+    torch.manual_seed(0)
+    model = OldStyleNet().double()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(12) % 3
+    data, loss = [(X[:8], y[:8]), (X[8:], y[8:])], nn.CrossEntropyLoss()
+    problem = cs.Problem(model, loss, data)
+    V = _vectors(problem.num_params, 2)
+    with pytest.warns(cs.EngineFallbackWarning):
+        GV = cs.GGNOperator(problem) @ V
+    names = [n for n, _ in model.named_parameters()]
+    theta = tuple(p.detach() for p in model.parameters())
+    ref = torch.zeros_like(GV)
+    for x, t in data:
+        def f(*ps, x=x):
+            return torch.func.functional_call(model, dict(zip(names, ps)), (x,)).reshape(-1)
+
+        J = torch.cat([j.reshape(len(t) * 3, -1) for j in torch.autograd.functional.jacobian(f, theta)], 1)
+        z = f(*theta).detach()
+        Hl = torch.autograd.functional.hessian(lambda zz, t=t: loss(zz.view(-1, 3), t), z)
+        ref += len(t) / 12 * J.T @ Hl @ J @ V
+    assert rel(GV, ref) < 1e-8

@@ -142,7 +142,8 @@ class _BatchContext:
 
     def _autograd_linearization(self) -> tuple[Tensor, Callable]:
         """``z_b`` and ``u -> J_b^T u`` by plain autograd on a retained graph (for models that
-        torch.func cannot transform, such as old-style ``autograd.Function`` s)."""
+        torch.func cannot transform, such as old-style ``autograd.Function`` s).
+        """
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         z = self.output(leaves)
 

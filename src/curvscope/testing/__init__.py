@@ -1,5 +1,8 @@
-"""Testing utilities: dense float64 ground truth (`dense`) and tiny seeded problems (`problems`)."""
+"""Testing utilities: dense float64 ground truth (`dense`), tiny seeded problems (`problems`) and
+imports of torchvision / timm / transformers that work beside a CPU-only torch (`_thirdparty`).
+"""
 
+from ._thirdparty import import_timm, import_torchvision, import_transformers, matching_torchvision
 from .dense import (
     dense_empirical_fisher,
     dense_ggn,
@@ -43,4 +46,8 @@ __all__ = [
     "tiny_cnn",
     "tiny_hf_model",
     "gaussian_blobs",
+    "import_torchvision",
+    "import_timm",
+    "import_transformers",
+    "matching_torchvision",
 ]

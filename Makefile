@@ -27,9 +27,20 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# torchvision (for the torchvision / timm examples and tests) must match the venv's torch:
+# torch 2.X <-> torchvision 0.(X+15). It is installed before the project, so that timm (extra
+# `real`) finds it; the installed torch is pinned in the same command, so pip never swaps it. If it cannot be had, the project is installed
+# without timm and those model families are skipped by the tests.
 $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[plot,zoo,test,lint]"
+	@tv="torchvision==$$($(PY) -W ignore -c 'import torch; v = torch.__version__.split("."); print(f"0.{int(v[1]) + 15}.*" if v[0] == "2" else "unknown")')"; \
+	torch_now="torch==$$($(PY) -W ignore -c 'import torch; print(torch.__version__)')"; \
+	if $(PIP) install --quiet $(TORCH_PIP_ARGS) "$$tv" "$$torch_now"; then \
+	  $(PIP) install --quiet -e ".[plot,zoo,test,lint,real]"; \
+	else \
+	  echo "curvscope: could not install $$tv to match the venv's torch; the torchvision and timm model families will be skipped"; \
+	  $(PIP) install --quiet -e ".[plot,zoo,test,lint]" "transformers>=4.46"; \
+	fi
 	@touch $(STAMP)
 
 venv: $(STAMP)

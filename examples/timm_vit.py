@@ -1,0 +1,64 @@
+"""A run file: a shrunk timm Vision Transformer on class-structured synthetic images.
+
+    curvscope run examples/timm_vit.py --budget small --threads 1
+
+timm's ``vit_tiny_patch16_224`` architecture, shrunk through ``timm.create_model`` arguments (16 x 16
+images, 4 x 4 patches, 2 blocks of width 24 with 2 heads; random initialisation, nothing is
+downloaded), trained for a few dozen Adam steps on images that are a class pattern plus noise.
+timm's attention calls ``F.scaled_dot_product_attention`` (its fused path); curvscope takes the
+second derivatives on SDPA's math path. Trained in float32, analysed in float64.
+
+timm imports torchvision: :func:`curvscope.testing.import_timm` makes PyPI's torchvision (built for
+CUDA) import beside a CPU-only torch. Needs ``pip install timm`` and the torchvision that matches
+the installed torch (``make venv`` installs both).
+"""
+
+import torch
+from torch import nn
+
+from curvscope.testing import import_timm
+
+NUM_CLASSES, SIZE, N_TRAIN, N_TEST, BATCH = 4, 16, 100, 64, 48
+
+
+def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image ``i`` of class ``i mod C``: its class pattern (smooth, 3 channels) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(NUM_CLASSES, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    patterns = nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear")
+    y = torch.arange(n) % NUM_CLASSES
+    x = patterns[y] + 0.8 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+    return x.double(), y
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+
+
+def model() -> nn.Module:
+    """ViT with 2 blocks of width 24: about 16k parameters, trained for 40 steps."""
+    timm = import_timm()
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
+                            img_size=SIZE, patch_size=4, embed_dim=24, depth=2, num_heads=2)
+    x, y = _images(N_TRAIN, seed=1)
+    x = x.float()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    net.train()
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.double().eval()
+
+
+def loss() -> nn.Module:
+    return nn.CrossEntropyLoss()
+
+
+def data() -> list:
+    return _batches(*_images(N_TRAIN, seed=1))
+
+
+def test_data() -> list:
+    return _batches(*_images(N_TEST, seed=2))

@@ -146,16 +146,23 @@ def gpt2_family() -> Family:
                   "dense")
 
 
-def bert_family() -> Family:
+def bert_eager_family() -> Family:
+    """The same BERT with transformers' "eager" attention (written-out softmax, no SDPA)."""
+    return bert_family("eager")
+
+
+def bert_family(attention: str = "sdpa") -> Family:
     """BertForSequenceClassification, padded dict batches with attention_mask, CrossEntropyLoss."""
     transformers = _require(import_transformers)
-    config = transformers.BertConfig(vocab_size=12, hidden_size=4, num_hidden_layers=1,
+    config = transformers.BertConfig(attn_implementation=attention, vocab_size=12, hidden_size=4,
+                                     num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=8,
                                      max_position_embeddings=6, type_vocab_size=1, num_labels=3,
                                      initializer_range=0.4, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config).double().eval()
+    assert model.config._attn_implementation == attention
     batches = _classification_labels(_padded_tokens([4, 4, 3], 6, 12, seed=2, first=1), 3, seed=3)
     ref = [_split(b) for b in batches]
     return Family(model, nn.CrossEntropyLoss(), batches, ref, nn.CrossEntropyLoss(),
@@ -275,6 +282,7 @@ def raw_sdpa_family() -> Family:
 FAMILIES = {
     "hf-gpt2-causal-lm": gpt2_family,
     "hf-bert-classifier": bert_family,
+    "hf-bert-eager-attention": bert_eager_family,
     "hf-vit-classifier": hf_vit_family,
     "timm-vit": timm_vit_family,
     "torchvision-resnet": torchvision_resnet_family,

@@ -73,6 +73,9 @@ def test_unequal_padding_equals_one_merged_batch():
     split = _batches()
     p_split, p_merged = cs.Problem(model, loss, split), cs.Problem(model, loss, merged)
     assert p_split.num_data == p_merged.num_data == (5 + 2 + 4) + (8 + 1)  # counted tokens
+    assert p_split.data_unit == "tokens"
+    assert cs.Problem(model, nn.CrossEntropyLoss(), [(torch.zeros(2, 3), torch.zeros(2).long())],
+                      validate=False).data_unit == "examples"
     V = _vectors(p_split.num_params)
     for Op in (cs.HessianOperator, cs.GGNOperator):
         a, b = Op(p_split) @ V, Op(p_merged) @ V

@@ -232,7 +232,8 @@ def analyze(
         cls = dataclasses.replace(cls, vectors=None)  # C^2 P numbers: not kept in the result
         emit("classes", cls)
     info = {
-        "num_params": P, "num_data": problem.num_data, "num_classes": num_classes,
+        "num_params": P, "num_data": problem.num_data, "data_unit": problem.data_unit,
+        "num_classes": num_classes,
         "dtype": str(problem.dtype), "device": str(problem.device), "mode": problem.mode,
         "reduction": problem.reduction, "seed": seed, "budget": budget, "k": k,
         "num_probes": num_probes, "num_iters": num_iters, "notes": notes,

@@ -204,7 +204,7 @@ def _analyse(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, out:
         stages("bundle", {"bundle": {k: str(v) for k, v in paths.items()}})
     finally:
         stages.close()
-    print(f"\n{name}: P = {problem.num_params:,} parameters, N = {problem.num_data:,} examples, "
+    print(f"\n{name}: P = {problem.num_params:,} parameters, N = {problem.num_data:,} {problem.data_unit}, "
           f"{problem.dtype}, {time.perf_counter() - t0:.1f} s")
     for sentence in analysis.summary():
         print(f"  - {sentence}")

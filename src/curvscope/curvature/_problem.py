@@ -35,7 +35,7 @@ from curvscope.curvature._attention import (
     product_context,
 )
 from curvscope.curvature._input_checks import check_not_meta, check_target_shape
-from curvscope.curvature._losses import ModelOutputLoss, count_loss_terms
+from curvscope.curvature._losses import ModelOutputLoss, TokenCrossEntropyLoss, count_loss_terms
 from curvscope.curvature._param_space import ParamSpace, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -285,6 +285,15 @@ class Problem:
     def num_data(self) -> int:
         """``N``: the number of examples (sum of ``batch_size_fn`` over the batches)."""
         return self._num_data
+
+    @property
+    def data_unit(self) -> str:
+        """What ``num_data`` counts: ``"tokens"`` for token-level losses, ``"examples"`` otherwise."""
+        if isinstance(self.loss_fn, TokenCrossEntropyLoss):
+            return "tokens"
+        if isinstance(self.loss_fn, ModelOutputLoss) and self.loss_fn.counting(self.model) == "shifted":
+            return "tokens"
+        return "examples"
 
     @property
     def num_params(self) -> int:

@@ -440,6 +440,7 @@ def bundle_dict(
     prov.update({
         "seed": info.get("seed"), "dtype": info.get("dtype"), "device": info.get("device"),
         "num_params": info.get("num_params"), "num_data": info.get("num_data"),
+        "data_unit": info.get("data_unit", "examples"),
         "num_classes": info.get("num_classes"),
         "budgets": {"budget": info.get("budget"), "k": info.get("k"),
                     "num_probes": info.get("num_probes"), "num_iters": info.get("num_iters"),

@@ -354,7 +354,8 @@ def render_html(bundle_dict: Mapping[str, Any], images: Mapping[str, bytes]) -> 
     versions = prov.get("versions", {}) or {}
     sub = ", ".join(s for s in [
         f"{prov['num_params']:,} parameters" if isinstance(prov.get("num_params"), int) else "",
-        f"{prov['num_data']:,} examples" if isinstance(prov.get("num_data"), int) else "",
+        f"{prov['num_data']:,} {prov.get('data_unit') or 'examples'}"
+        if isinstance(prov.get("num_data"), int) else "",
         f"{prov['num_classes']} classes" if prov.get("num_classes") else "",
         str(prov.get("dtype", "")), f"budget {(prov.get('budgets') or {}).get('budget')}"
         if prov.get("budgets") else "", f"seed {prov.get('seed')}" if "seed" in prov else "",

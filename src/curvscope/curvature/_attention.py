@@ -103,11 +103,12 @@ class _AttentionRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def probe_attention(forward: Callable[[], Any]) -> AttentionProbe:
-    """Run ``forward()`` once (native kernels, fast path off) and record its attention kernels."""
+def probe_attention(run: Callable[[Any], Any]) -> AttentionProbe:
+    """The attention kernels of one forward: ``run(recorder)`` runs it under the recording mode
+    (native kernels; :meth:`curvscope.Problem.forward_first_batch`).
+    """
     recorder = _AttentionRecorder()
-    with fast_path_disabled(), recorder:
-        forward()
+    run(recorder)
     return recorder.probe
 
 

@@ -12,11 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from curvscope.curvature._attention import fast_path_disabled
 
 _OP_PATTERNS = (
     r"aten::(\w+)", r"with (\w+) that does not support", r"for (\w+) is not implemented",
@@ -80,16 +77,12 @@ def _find_module(problem: Any, kernel: str) -> tuple[str, str] | None:
         if stack:
             stack.pop()
 
-    first = next(iter(problem._indexed_batches()), None)
-    if first is None:
-        return None
-    params = {**problem.frozen_parameters(problem.parameters()), **problem.parameters()}
     recorder = _KernelsByModule(stack)
     pre = nn.modules.module.register_module_forward_pre_hook(enter)
     post = nn.modules.module.register_module_forward_hook(leave)
     try:
-        with problem.model_context(), torch.no_grad(), fast_path_disabled(), recorder:
-            problem.forward(params, first[1])
+        if not problem.forward_first_batch(recorder):
+            return None
     finally:
         pre.remove()
         post.remove()

@@ -64,23 +64,24 @@ ROUNDING = 30.0  # rounding error of one gradient, in units of eps * ||g|| (meas
 TRUNCATION_SAFETY = 10.0  # the Richardson truncation estimate errs on the safe side by this factor
 
 
-def fd_steps(theta_norm: float, num_params: int, X: Tensor, dtype: torch.dtype,
-             richardson: bool) -> Tensor:
-    """Steps ``h_j`` (``[k]``, float64) for the columns of ``X [P, k]`` (see the module docstring)."""
+def fd_steps(theta_norm: float, num_params: int, norms: list[float],
+             dtype: torch.dtype) -> list[float]:
+    """Steps ``h_j`` for columns of norms ``||v_j||`` (host floats: the kernels loop over them)."""
     eps = torch.finfo(dtype).eps
     scale = max(theta_norm, math.sqrt(num_params) / 10.0)
-    norms = X.detach().to(torch.float64).norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-    return STEP_SCALE * eps ** (1.0 / 3.0) * scale / norms
+    tiny = torch.finfo(torch.float64).tiny
+    return [STEP_SCALE * eps ** (1.0 / 3.0) * scale / max(n, tiny) for n in norms]
 
 
 def central_differences(fn: Callable[[float], Tensor], h: float, richardson: bool,
-                        eps: float) -> tuple[Tensor, Tensor | None, float]:
+                        eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
     """Central difference of ``fn`` (``fn(t)`` = the quantity at ``theta + t v``) at step ``h``.
 
     Returns:
         ``(value, truncation_vector, rounding)``: the (extrapolated) derivative; ``D(h/2) - D(h)``
         with Richardson (``None`` without), whose norm over the data / 3 estimates the truncation
-        error; and the squared rounding error estimate of this evaluation.
+        error; and the squared rounding error estimate of this evaluation (a 0-d float64 tensor,
+        on the device: no host sync).
     """
     plus, minus = fn(h), fn(-h)
     coarse = (plus - minus) / (2 * h)
@@ -100,8 +101,8 @@ def richardson_truncation(t: Tensor, norms: Tensor) -> Tensor:
     return TRUNCATION_SAFETY * t * ratio
 
 
-def _norm(t: Tensor) -> float:
-    return float(t.detach().to(torch.float64).norm())
+def _norm(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float64).norm()
 
 
 __all__ = [

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvscope.curvature._nested import default_batch_size_fn
+
 
 @dataclass(frozen=True)
 class LossKind:
@@ -209,23 +211,7 @@ def count_loss_terms(loss_fn: Callable[..., Any], target: Any, model: nn.Module 
         if kind.name == "cross_entropy":
             counted = target[:, kind.shift:] if kind.shift else target
             return int((counted != kind.ignore_index).sum())
-    for t in _tensors(target):
-        return 1 if t.ndim == 0 else int(t.shape[0])
-    raise TypeError(
-        f"cannot infer the batch size from a target of type {type(target).__name__}; pass "
-        "batch_size_fn=lambda target: n to the Problem."
-    )
-
-
-def _tensors(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
+    return default_batch_size_fn(target)
 
 
 def reduction_factor(kind: LossKind, reduction: str, z: Tensor, target: Tensor) -> float:

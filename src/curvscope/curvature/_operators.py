@@ -185,17 +185,20 @@ class _BatchContext:
         """``J_b V`` from forward passes: Richardson-extrapolated central differences of ``z``."""
         names = list(V)
         k = V[names[0]].shape[0]
-        flat = torch.stack([torch.cat([V[n][j].reshape(-1) for n in names]) for j in range(k)], 1)
-        theta = torch.cat([self.params[n].reshape(-1) for n in names])
-        steps = fd_steps(float(theta.norm()), theta.numel(), flat, flat.dtype, richardson=True)
-        eps = torch.finfo(flat.dtype).eps
+        squares = [self.params[n].to(torch.float64).square().sum() for n in names]
+        squares += [(V[n].reshape(k, -1).to(torch.float64).square().sum(1)) for n in names]
+        norms = torch.cat([torch.stack(squares[:len(names)]).sum().reshape(1),
+                           torch.stack(squares[len(names):]).sum(0)]).sqrt().tolist()  # one sync
+        dtype = V[names[0]].dtype
+        steps = fd_steps(norms[0], sum(p.numel() for p in self.params.values()), norms[1:], dtype)
+        eps = torch.finfo(dtype).eps
         cols = []
         with torch.no_grad():
             for j in range(k):
                 def output_at(t: float, j: int = j) -> Tensor:
                     return self.output({n: self.params[n] + t * V[n][j] for n in names})
 
-                value, _, _ = central_differences(output_at, float(steps[j]), True, eps)
+                value, _, _ = central_differences(output_at, steps[j], True, eps)
                 cols.append(value)
         return torch.stack(cols)
 
@@ -622,8 +625,8 @@ class HessianOperator(CurvatureOperator):
         theta_norm = self._fd["theta_norm"]
         return {
             "theta_norm": theta_norm,
-            "steps": fd_steps(theta_norm, self.param_space.size, X, self.problem.dtype,
-                              self.richardson),
+            "steps": fd_steps(theta_norm, self.param_space.size,
+                              X.detach().to(torch.float64).norm(dim=0).tolist(), self.problem.dtype),
             "truncation": torch.zeros(X.shape, dtype=torch.float64, device=self.device)
             if self.richardson else None,
             "rounding": torch.zeros(X.shape[1], dtype=torch.float64, device=self.device),
@@ -663,15 +666,14 @@ class HessianOperator(CurvatureOperator):
                                             allow_unused=True, materialize_grads=True)
                 return torch.cat([g.reshape(-1) for g in grads])
 
-            value, truncation, rounding = central_differences(gradient_at, float(steps[j]),
+            value, truncation, rounding = central_differences(gradient_at, steps[j],
                                                               self.richardson, eps)
             values.append(value)
             truncations.append(truncation)
             roundings.append(rounding)
         trunc = None if truncations[0] is None else torch.stack(
             [t.to(torch.float64) for t in truncations if t is not None], 1)
-        self._fd["pending"].append((ctx.columns, trunc,
-                                    torch.tensor(roundings, dtype=torch.float64, device=self.device)))
+        self._fd["pending"].append((ctx.columns, trunc, torch.stack(roundings)))
         return self.param_space.split(torch.stack(values, 1))
 
     def _double_backward(self, ctx: _BatchContext, V: dict[str, Tensor],

@@ -31,11 +31,13 @@ from curvscope.curvature._attention import (
     ATTENTION_MODES,
     AttentionBackendWarning,
     AttentionProbe,
+    fast_path_disabled,
     probe_attention,
     product_context,
 )
 from curvscope.curvature._input_checks import check_not_meta, check_target_shape
 from curvscope.curvature._losses import ModelOutputLoss, TokenCrossEntropyLoss, count_loss_terms
+from curvscope.curvature._nested import _map_tensors, _tensors, default_batch_size_fn
 from curvscope.curvature._param_space import ParamSpace, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -89,41 +91,6 @@ def default_output_fn(output: Any) -> Tensor:
     raise TypeError(
         f"the model returned {type(output).__name__}, expected a Tensor or an object with a "
         "`logits` tensor; pass output_fn=lambda out: out[...] to the Problem."
-    )
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
-    return obj
-
-
-def default_batch_size_fn(target: Any) -> int:
-    """Number of examples in a batch: the first dimension of the target tensor."""
-    for t in _tensors(target):
-        if t.ndim == 0:
-            return 1
-        return int(t.shape[0])
-    raise TypeError(
-        f"cannot infer the batch size from a target of type {type(target).__name__}; pass "
-        "batch_size_fn=lambda target: n to the Problem."
     )
 
 
@@ -509,17 +476,23 @@ class Problem:
                 m.training = flag
 
     # ---------------------------------------------------------------- kernels
+    def forward_first_batch(self, watch: contextlib.AbstractContextManager) -> bool:
+        """One forward on this rank's first batch under ``watch`` (a dispatch mode that records
+        kernels), in the Problem's mode, without gradients and with the Transformer fast path off
+        as in the products. Returns ``False`` when this rank holds no batch. Not a data pass.
+        """
+        first = next(iter(self._indexed_batches()), None)
+        if first is None:
+            return False
+        params = {**self.frozen_parameters(self.parameters()), **self.parameters()}
+        with self.model_context(), torch.no_grad(), fast_path_disabled(), watch:
+            self.forward(params, first[1])
+        return True
+
     def attention_probe(self) -> AttentionProbe:
         """The attention kernels one forward on the first batch calls (measured once, cached)."""
         if self._attention_probe is None:
-            first = next(iter(self._indexed_batches()), None)
-            if first is None:  # this rank holds no batch
-                self._attention_probe = AttentionProbe()
-            else:
-                inputs = first[1]
-                params = {**self.frozen_parameters(self.parameters()), **self.parameters()}
-                with self.model_context(), torch.no_grad():
-                    self._attention_probe = probe_attention(lambda: self.forward(params, inputs))
+            self._attention_probe = probe_attention(self.forward_first_batch)
         return self._attention_probe
 
     def product_context(self, second_order: bool = True) -> contextlib.AbstractContextManager:

@@ -14,6 +14,7 @@ the installed torch (``make venv`` installs both).
 """
 
 import torch
+from _synthetic import batches, class_images, train
 from torch import nn
 
 from curvscope.testing import import_timm
@@ -22,17 +23,11 @@ NUM_CLASSES, SIZE, N_TRAIN, N_TEST, BATCH = 4, 16, 100, 64, 48
 
 
 def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image ``i`` of class ``i mod C``: its class pattern (smooth, 3 channels) plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(NUM_CLASSES, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    patterns = nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear")
-    y = torch.arange(n) % NUM_CLASSES
-    x = patterns[y] + 0.8 * torch.randn(n, 3, SIZE, SIZE, generator=g)
-    return x.double(), y
+    return class_images(n, seed, NUM_CLASSES, SIZE, noise=0.8)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
-    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+    return batches(x, y, BATCH)
 
 
 def model() -> nn.Module:
@@ -41,14 +36,7 @@ def model() -> nn.Module:
     torch.manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
                             img_size=SIZE, patch_size=4, embed_dim=24, depth=2, num_heads=2)
-    x, y = _images(N_TRAIN, seed=1)
-    x = x.float()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    net.train()
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    train(net, *_images(N_TRAIN, seed=1), steps=40, lr=2e-3)
     return net.double().eval()
 
 

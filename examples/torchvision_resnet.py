@@ -18,6 +18,7 @@ the installed torch (``make venv`` installs it).
 """
 
 import torch
+from _synthetic import batches, class_images, train
 from torch import nn
 
 from curvscope.testing import import_torchvision
@@ -57,17 +58,11 @@ def narrow_resnet18(width: int, num_classes: int) -> nn.Module:
 
 
 def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image ``i`` of class ``i mod C``: its class pattern (smooth, 3 channels) plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(NUM_CLASSES, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    patterns = nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear")
-    y = torch.arange(n) % NUM_CLASSES
-    x = patterns[y] + 1.5 * torch.randn(n, 3, SIZE, SIZE, generator=g)
-    return x.double(), y
+    return class_images(n, seed, NUM_CLASSES, SIZE, noise=1.5)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
-    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+    return batches(x, y, BATCH)
 
 
 def model() -> nn.Module:
@@ -75,13 +70,8 @@ def model() -> nn.Module:
     torch.manual_seed(0)
     net = narrow_resnet18(WIDTH, NUM_CLASSES)
     x, y = _images(N_TRAIN, seed=1)
+    train(net, x, y, steps=18, lr=3e-3)
     x = x.float()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(18):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
     with torch.no_grad():  # running statistics of the final weights ("precise BN"), as eval uses them
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -12,6 +12,7 @@ off and takes second derivatives on SDPA's math path. Trained in float32, analys
 """
 
 import torch
+from _synthetic import batches, train
 from torch import nn
 
 NUM_CLASSES, LENGTH, FEATURES, WIDTH, N_TRAIN, N_TEST, BATCH = 4, 8, 8, 32, 128, 64, 48
@@ -42,21 +43,14 @@ def _sequences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
-    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+    return batches(x, y, BATCH)
 
 
 def model() -> nn.Module:
     """About 9k parameters, trained for 40 steps (with dropout), returned in eval mode."""
     torch.manual_seed(0)
     net = EncoderClassifier()
-    x, y = _sequences(N_TRAIN, seed=1)
-    x = x.float()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    train(net, *_sequences(N_TRAIN, seed=1), steps=40, lr=3e-3)
     return net.double().eval()
 
 

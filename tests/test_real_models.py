@@ -464,8 +464,11 @@ EXAMPLE_FILES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("example", EXAMPLE_FILES)
+# the quickest one (about 20 s) runs by default, so that CI sees every run file's shared helpers
+# (examples/_synthetic.py) import; the others (50-75 s each) are slow
+@pytest.mark.parametrize("example", [
+    pytest.param(name, marks=[] if name == "transformer_encoder" else pytest.mark.slow)
+    for name in EXAMPLE_FILES])
 def test_example_runs_end_to_end(example, tmp_path, capsys):
     """``curvscope run examples/<example>.py --budget small``: exit 0, a result.json."""
     if EXAMPLE_FILES[example] is not None:

@@ -51,6 +51,7 @@ def main():
     if mode == "hang" and rank == 1:
         time.sleep(120)
     torch.save(compute(problem), f"{out}/rank{rank}.pt")
+    torch.distributed.barrier()  # both ranks done before rank 0 tears down the store
     torch.distributed.destroy_process_group()
 
 

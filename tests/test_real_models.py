@@ -211,7 +211,11 @@ def timm_vit_family() -> Family:
 def torchvision_resnet_family() -> Family:
     """torchvision's ResNet-18 layout at width 2 (examples/torchvision_resnet.py), eval-mode BN."""
     _require(import_torchvision)
-    narrow_resnet18 = runpy.run_path(str(EXAMPLES / "torchvision_resnet.py"))["narrow_resnet18"]
+    sys.path.insert(0, str(EXAMPLES))  # as `curvscope run` / `python FILE` see it: _synthetic.py beside
+    try:
+        narrow_resnet18 = runpy.run_path(str(EXAMPLES / "torchvision_resnet.py"))["narrow_resnet18"]
+    finally:
+        sys.path.remove(str(EXAMPLES))
     torch.manual_seed(0)
     model = narrow_resnet18(2, 3).double()
     batches = _images([3, 3, 2], 3, 16, 3, seed=6)

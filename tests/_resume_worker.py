@@ -25,18 +25,23 @@ class Slow(LinearOperator):
         return out
 
 
-def run(kind, checkpoint, delay=0.0):
+def run(kind, checkpoint, delay=0.0, engine_choices=None):
+    """The run; ``engine_choices`` replays another run's kernels (``engine="auto"`` trials
+    otherwise). The kernels used come back under ``"engines"``.
+    """
     torch.set_num_threads(1)
     tp = tiny_mlp("classification")
-    H = Slow(cs.HessianOperator(cs.Problem(tp.model, tp.loss_fn, tp.batches)), delay)
+    problem = cs.Problem(tp.model, tp.loss_fn, tp.batches)
+    problem.engine_choices.update(engine_choices or {})
+    H = Slow(cs.HessianOperator(problem), delay)
     g = torch.Generator().manual_seed(7)
     if kind == "slq":
         d = cs.slq(H, 3, 40, generator=g, checkpoint=checkpoint, checkpoint_every=4)
-        return {"nodes": d.nodes, "weights": d.weights}
+        return {"nodes": d.nodes, "weights": d.weights, "engines": problem.engine_choices}
     r = cs.eigsh(H, 6, which="BE", block_size=2, num_vectors=14, generator=g,
                  checkpoint=checkpoint, checkpoint_every=3)
     return {"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors,
-            "residuals": r.residual_norms}
+            "residuals": r.residual_norms, "engines": problem.engine_choices}
 
 
 if __name__ == "__main__":

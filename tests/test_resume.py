@@ -1,5 +1,6 @@
 """Resumable runs: SIGKILL mid-way, start again, same result bitwise; bad checkpoints refused."""
 
+import io
 import os
 import signal
 import subprocess
@@ -32,21 +33,38 @@ def _kill_mid_run(kind, ckpt, out, delay=0.15):
     assert not out.exists()
 
 
+def _saved_engine_choices(path):
+    """The ``engine="auto"`` choices stored in a checkpoint file (read without a fingerprint)."""
+    from curvscope._checkpoint import ENGINE_KEY, MAGIC
+
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 8], "little")
+    payload = raw[len(MAGIC) + 8 + size :]
+    return torch.load(io.BytesIO(payload), weights_only=True)[ENGINE_KEY]
+
+
 @pytest.mark.parametrize("kind", ["slq", "eigsh"])
 def test_sigkill_then_resume_gives_the_uninterrupted_result_bitwise(kind, tmp_path):
-    reference = run(kind, None)
     ckpt, out = tmp_path / f"{kind}.ckpt", tmp_path / "out.pt"
     _kill_mid_run(kind, ckpt, out)
     saved = Checkpointer(ckpt, 1, {}).path
     assert saved.exists()
+    # the killed run's kernel choices (its trials' timings included) are in its checkpoint; the
+    # uninterrupted run it is compared with takes the same ones (a fresh trial may pick another
+    # kernel where two cost the same, which changes the last bits)
+    choices = _saved_engine_choices(saved)
+    assert choices and all(rec["engine"] in cs.HESSIAN_KERNELS for rec in choices.values())
+    reference = run(kind, None, engine_choices=choices)
     # the same command again: resumes from the checkpoint and finishes
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(WORKER), kind, str(ckpt), str(out)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = torch.load(out)
+    assert resumed["engines"] == choices  # restored, not timed again
     for key, value in reference.items():
-        assert torch.equal(resumed[key], value), key
+        if key != "engines":
+            assert torch.equal(resumed[key], value), key
 
 
 def test_resumed_run_skips_the_work_already_done(tmp_path):

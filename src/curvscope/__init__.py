@@ -10,6 +10,7 @@ in one pass over the data.
 from curvscope import linops
 from curvscope._checkpoint import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 from curvscope.curvature import (
+    HESSIAN_KERNELS,
     AttentionBackendWarning,
     CausalLMLoss,
     CombinedCurvatureOperator,
@@ -73,6 +74,7 @@ __all__ = [
     "CurvatureOperator",
     "EmpiricalFisherOperator",
     "EngineFallbackWarning",
+    "HESSIAN_KERNELS",
     "FisherMCOperator",
     "GGNOperator",
     "GradientCovarianceOperator",

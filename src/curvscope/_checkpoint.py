@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvscope._diagnostics import engine_choices, problems_under, restore_engine_choices
 from curvscope.distributed import world
 
 MAGIC = b"CURVSCOPE-CKPT\n"
 VERSION = 1
+ENGINE_KEY = "_engine_choices"  # the kernels engine="auto" chose, saved beside the state
 
 
 class CheckpointError(RuntimeError):
@@ -70,7 +72,8 @@ class Checkpointer:
         fingerprint: JSON-able description of the run; must match to resume.
     """
 
-    def __init__(self, path: str | Path | None, every: int, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path | None, every: int, fingerprint: dict[str, Any],
+                 operator: object = None) -> None:
         if every < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
         self.path = None if path is None else Path(path)
@@ -79,6 +82,9 @@ class Checkpointer:
             self.path = self.path.with_name(f"{self.path.name}.rank{rank}")
         self.every = every
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        # the product kernels engine="auto" chose travel with the state: a resumed run takes
+        # the same ones, so it is bitwise the run that was interrupted
+        self._problems = [] if operator is None else problems_under(operator)
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +120,9 @@ class Checkpointer:
                 f"{self.path} belongs to another run (differs in {diff}); use another checkpoint "
                 "path, or delete it to start afresh."
             )
-        return torch.load(io.BytesIO(payload), weights_only=True)
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+        restore_engine_choices(self._problems, state.pop(ENGINE_KEY, None))
+        return state
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (1-based count of steps done) is a save point."""
@@ -125,6 +133,8 @@ class Checkpointer:
         if self.path is None:
             return
         buffer = io.BytesIO()
+        if self._problems:
+            state = {**state, ENGINE_KEY: engine_choices(self._problems)}
         torch.save(state, buffer)
         payload = buffer.getvalue()
         header = json.dumps({"version": VERSION, "fingerprint": self.fingerprint,

@@ -8,9 +8,11 @@ operator such as ``H - G`` or a deflated Hessian is accounted exactly.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,17 +45,40 @@ def problems_under(op: object) -> list[object]:
 
 @dataclass(frozen=True)
 class Cost:
-    """What an algorithm spent: columns multiplied, product calls, data passes, seconds."""
+    """What an algorithm spent: columns multiplied, product calls, data passes, seconds.
+
+    ``engines`` holds the product kernels ``engine="auto"`` chose for the Problems underneath
+    (key: operator, block, dtype, device and column bucket; value: the kernel and the trial's
+    seconds per column), as they stood when the algorithm finished.
+    """
 
     num_matvecs: int
     num_products: int
     num_data_passes: int
     wall_time: float
+    engines: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON."""
         return {"num_matvecs": self.num_matvecs, "num_products": self.num_products,
-                "num_data_passes": self.num_data_passes, "wall_time": self.wall_time}
+                "num_data_passes": self.num_data_passes, "wall_time": self.wall_time,
+                "engines": copy.deepcopy(self.engines)}
+
+
+def engine_choices(problems: list[object]) -> dict[str, Any]:
+    """The ``engine="auto"`` choices of the given Problems, merged (deep copies)."""
+    merged: dict[str, Any] = {}
+    for p in problems:
+        merged.update(copy.deepcopy(getattr(p, "engine_choices", {})))
+    return merged
+
+
+def restore_engine_choices(problems: list[object], choices: dict[str, Any] | None) -> None:
+    """Put saved choices back into the Problems (a resumed run takes the same kernels)."""
+    for p in problems:
+        table = getattr(p, "engine_choices", None)
+        if table is not None and choices:
+            table.update(copy.deepcopy(choices))
 
 
 class CostMeter:
@@ -77,7 +102,8 @@ class CostMeter:
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         passes = sum(p.num_data_passes for p in self._problems) - self._passes0  # type: ignore[attr-defined]
-        return Cost(self.num_matvecs, self.num_products, passes, time.perf_counter() - self._t0)
+        return Cost(self.num_matvecs, self.num_products, passes, time.perf_counter() - self._t0,
+                    engine_choices(self._problems))
 
 
 class Counted(CostMeter):

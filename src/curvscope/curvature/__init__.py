@@ -1,6 +1,7 @@
 """Problems (model + loss + data) and the curvature operators built on them."""
 
 from curvscope.curvature._attention import AttentionBackendWarning
+from curvscope.curvature._engine_choice import HESSIAN_KERNELS
 from curvscope.curvature._losses import CausalLMLoss, ModelOutputLoss, TokenCrossEntropyLoss
 from curvscope.curvature._operators import (
     CombinedCurvatureOperator,
@@ -19,6 +20,7 @@ from curvscope.curvature._param_space import ParamSpace, select_parameters
 from curvscope.curvature._problem import Batch, Problem
 
 __all__ = [
+    "HESSIAN_KERNELS",
     "AttentionBackendWarning",
     "Batch",
     "CausalLMLoss",

@@ -35,6 +35,17 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from curvscope import distributed
+from curvscope.curvature._engine_choice import (
+    AGREEMENT,
+    agreed_choice,
+    candidates,
+    choice_key,
+    describe,
+    peak_memory_extra,
+    peak_memory_start,
+    relative_gap,
+    timed,
+)
 from curvscope.curvature._finite_difference import (
     central_differences,
     fd_steps,
@@ -488,13 +499,16 @@ class HessianOperator(CurvatureOperator):
             batched backward over the columns), ``"finite_difference"`` (central differences of
             the gradient, Richardson-extrapolated: first derivatives only, for kernels without a
             second derivative; each product's error estimate is in :attr:`last_error_estimate`;
-            see :mod:`curvscope.curvature._finite_difference`), or ``"auto"`` (default:
-            double-backward with the first backward's graph reused column by column for one
-            column or on a CPU, where each column then costs about one gradient; the vmapped
-            forward-over-reverse for several columns on an accelerator). ``auto`` checks its exact
-            engine once against finite differences on the first batch (a kernel whose backward
-            is not itself differentiable, such as a custom ``autograd.Function``, gives a silently
-            wrong double backward), and takes finite differences, with a warning, only when no
+            see :mod:`curvscope.curvature._finite_difference`), or ``"auto"`` (default: the
+            cheapest exact kernel for this model, dtype, device and number of columns, chosen by
+            one timed trial on the first batch among the double-backward loop (the first
+            backward's graph reused column by column), the batched double backward and the
+            vmapped forward-over-reverse; see :mod:`curvscope.curvature._engine_choice`; the
+            choices are in :attr:`engine_choices` and in every result's ``cost.engines``).
+            ``auto`` checks the double backward once against finite differences on the first
+            batch (a kernel whose backward is not itself differentiable, such as a custom
+            ``autograd.Function``, gives a silently wrong double backward), excludes any kernel
+            that disagrees with it, and takes finite differences, with a warning, only when no
             exact engine can run or the exact one disagrees.
         chunk_size: columns per vmapped call (default: all; halves on out-of-memory).
         richardson: finite differences with Richardson's extrapolation (4 gradients per column
@@ -543,15 +557,103 @@ class HessianOperator(CurvatureOperator):
                 self._verify_exact_engine(ctx)
                 if self.active_engine == "finite_difference":
                     return self._finite_difference(ctx, V)
-            # one column, or a CPU: double-backward, reusing the first backward's graph for every
-            # column (about one gradient per column on a CPU); several columns on an
-            # accelerator: the vmapped jvp, where a batch of columns costs less than a gradient
-            if k == 1 or ctx.problem.device.type == "cpu":
-                return self._double_backward_or_fallback(ctx, V, loop=True)
-            return self._forward_over_reverse_or_fallback(ctx, V)
+            return self._auto_product(ctx, V, k)
         if engine == "forward_over_reverse":
             return self._forward_over_reverse_or_fallback(ctx, V)
         return self._double_backward(ctx, V)
+
+    @property
+    def engine_choices(self) -> dict[str, dict[str, Any]]:
+        """The kernels ``auto`` chose for this operator, by column bucket, with the trial's
+        seconds per column (see :mod:`curvscope.curvature._engine_choice`).
+        """
+        prefix = self._choice_key(1).rsplit(" k=", 1)[0] + " k="
+        return {key: rec for key, rec in self.problem.engine_choices.items()
+                if key.startswith(prefix)}
+
+    def _choice_key(self, k: int) -> str:
+        return choice_key("hessian", tuple(self.param_space.names),
+                          tuple(self.problem.param_space.names), self.problem.dtype,
+                          self.problem.device, k)
+
+    def _kernel(self, name: str, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One of :data:`HESSIAN_KERNELS`, with the usual fallbacks on a missing autodiff rule."""
+        if name == "forward_over_reverse":
+            return self._forward_over_reverse_or_fallback(ctx, V)
+        return self._double_backward_or_fallback(ctx, V, loop=name == "double_backward_loop")
+
+    def _trial_kernel(self, name: str, ctx: _BatchContext,
+                      V: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One kernel without fallbacks (a failure excludes it from the trial)."""
+        if name == "forward_over_reverse":
+            grad_fn = grad(ctx.loss)
+            return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
+        return self._double_backward(ctx, V, loop=name == "double_backward_loop",
+                                     batched_fallback=False)
+
+    def _auto_product(self, ctx: _BatchContext, V: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+        record = self.problem.engine_choices.get(self._choice_key(k))
+        if record is None:
+            return self._engine_trial(ctx, V, k)
+        return self._kernel(record["engine"], ctx, V)
+
+    def _engine_trial(self, ctx: _BatchContext, V: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+        """Time every candidate kernel on this batch and column chunk; keep the fastest one that
+        agrees with the (verified) double-backward loop, and return its product.
+        """
+        device, eps = self.device, torch.finfo(self.problem.dtype).eps
+        seconds: dict[str, float | str] = {}
+        extra_bytes: dict[str, int | None] = {}
+        reference: Tensor | None = None
+        best: tuple[str, dict[str, Tensor], float] | None = None
+        loop_error: Exception | None = None
+        for name in candidates(k):
+            ctx.cache.pop("db", None)  # every double-backward candidate pays its first backward
+            start = peak_memory_start(device)
+            try:
+                with warnings.catch_warnings():  # torch's "performance drop" notes on batching
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    out, dt = timed(lambda name=name: self._trial_kernel(name, ctx, V), device)
+            except torch.OutOfMemoryError:
+                seconds[name] = "out of memory"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            except Exception as err:  # noqa: BLE001 - a kernel that cannot run is not a candidate
+                if name == "double_backward_loop":
+                    if not _is_missing_autodiff_rule(err):
+                        raise
+                    loop_error = err
+                seconds[name] = f"failed: {_first_line(err)[:120]}"
+                continue
+            extra_bytes[name] = peak_memory_extra(device, start)
+            flat = self.param_space.join(out, batched=True)
+            if reference is None and name == "double_backward_loop":
+                reference = flat
+            elif reference is not None:
+                gap = relative_gap(flat, reference)
+                if gap > AGREEMENT * eps**0.5:
+                    seconds[name] = f"disagrees with double_backward_loop ({gap:.1e})"
+                    continue
+            seconds[name] = dt / k
+            if best is None or dt < best[2]:
+                best = (name, out, dt)
+        if not any(isinstance(v, float) for v in seconds.values()):
+            if loop_error is not None:
+                return self._double_backward_or_fallback(ctx, V, loop=True)  # warns, then FD
+            if all(v == "out of memory" for v in seconds.values()):
+                raise torch.OutOfMemoryError(f"every Hessian kernel ran out of memory with {k} "
+                                             "columns")
+        chosen = agreed_choice(seconds, device)
+        if chosen is None:
+            raise RuntimeError(f"no exact Hessian kernel ran on some rank: {seconds}")
+        record = {"engine": chosen, "seconds_per_column": seconds, "columns": k,
+                  "examples": ctx.batch.size, "peak_extra_bytes": extra_bytes.get(chosen)}
+        self.problem.engine_choices[self._choice_key(k)] = record
+        logger.info("Hessian products with %d columns: %s", k, describe(record))
+        if best is not None and best[0] == chosen:
+            return best[1]
+        return self._kernel(chosen, ctx, V)  # another rank was faster with another kernel
 
     def _forward_over_reverse_or_fallback(self, ctx: _BatchContext,
                                           V: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -677,7 +779,7 @@ class HessianOperator(CurvatureOperator):
         return self.param_space.split(torch.stack(values, 1))
 
     def _double_backward(self, ctx: _BatchContext, V: dict[str, Tensor],
-                         loop: bool = False) -> dict[str, Tensor]:
+                         loop: bool = False, batched_fallback: bool = True) -> dict[str, Tensor]:
         if "db" not in ctx.cache:
             leaves = {n: p.detach().requires_grad_(True) for n, p in ctx.params.items()}
             grads = torch.autograd.grad(ctx.loss(leaves), list(leaves.values()),
@@ -704,6 +806,8 @@ class HessianOperator(CurvatureOperator):
                                       retain_graph=True, allow_unused=True,
                                       materialize_grads=True, is_grads_batched=True)
         except RuntimeError:  # an op without a batching rule: one backward per column
+            if not batched_fallback:
+                raise
             cols = [torch.autograd.grad(outputs, list(leaves.values()),
                                         grad_outputs=[t[j] for t in tangents],
                                         retain_graph=True, allow_unused=True,

@@ -231,6 +231,10 @@ class Problem:
         self._example_filter: Callable[[Any, Any], Tensor] | None = None
         self._filter_description = "all examples"
         self.num_data_passes = 0
+        #: kernels chosen by ``engine="auto"`` trials, by operator, block, dtype, device and
+        #: column bucket (see :mod:`curvscope.curvature._engine_choice`); shared with the
+        #: problems derived by ``restrict_examples``, saved in checkpoints, reported in costs
+        self.engine_choices: dict[str, dict[str, Any]] = {}
         self._num_data = self._count(num_data)
         if validate:
             self.validate()

@@ -603,7 +603,8 @@ def _get(d: dict[str, Any], key: str, where: str) -> Any:
 
 def _cost(d: dict[str, Any], where: str) -> Cost:
     return Cost(int(_get(d, "num_matvecs", where)), int(_get(d, "num_products", where)),
-                int(_get(d, "num_data_passes", where)), float(_get(d, "wall_time", where)))
+                int(_get(d, "num_data_passes", where)), float(_get(d, "wall_time", where)),
+                dict(d.get("engines") or {}))
 
 
 def _more_fields(cls: type, d: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def eigsh(
         "algorithm": "eigsh", "n": n, "k": k, "which": which, "tol": tol, "atol": atol,
         "block_size": b, "num_vectors": m, "dtype": str(dtype), "start": tensor_digest(X),
         "generator": gen_digest,
-    })
+    }, operator=A)
     state = ckpt.load()
     if state is not None:
         basis.reset(state["Q"].to(device), state["AQ"].to(device))

@@ -214,7 +214,7 @@ def lanczos(
     ckpt = Checkpointer(checkpoint, checkpoint_every, {
         "algorithm": "lanczos", "n": n, "probes": p, "num_iters": m, "reorth": reorth,
         "basis": basis, "dtype": str(A.dtype), "start": tensor_digest(V), "generator": gen_digest,
-    })
+    }, operator=A)
     store = _BasisStore(p, m, n, A.dtype, A.device, basis)
     store.put(0, V)
     alpha = torch.zeros(m, p, dtype=A.dtype, device=A.device)

@@ -231,7 +231,7 @@ def sketch_eigh(
         "algorithm": "sketch_eigh", "n": n, "width": width, "q": num_power_iters,
         "block_size": block_size, "dtype": str(dtype), "start": tensor_digest(X.data[0]),
         "generator": generator_digest(generator),
-    }), generator)
+    }, operator=counted.A), generator)
     apply.restore(X, Z)
     apply(X, X)  # Y = A Omega
     for _ in range(num_power_iters):

@@ -50,18 +50,22 @@ if __name__ == "__main__":
     torch.save(run(kind, ckpt, delay), out)
 
 
-def run_more(kind, checkpoint):
-    """Sketch and class-structure runs (in-process interruption is simulated by the test)."""
+def run_more(kind, checkpoint, engine_choices=None):
+    """Sketch and class-structure runs (in-process interruption is simulated by the test);
+    ``engine_choices`` replays another run's kernels (they come back under ``"engines"``).
+    """
     torch.set_num_threads(1)
     tp = tiny_mlp("classification", batch_sizes=(3, 3, 3, 2, 2))
     problem = cs.Problem(tp.model, tp.loss_fn, tp.batches)
+    problem.engine_choices.update(engine_choices or {})
     if kind.startswith("sketch"):  # sketch, sketch-host, sketch-disk: where the matrices live
         H = cs.HessianOperator(problem)
         storage = kind.partition("-")[2] or "device"
         r = cs.sketch_eigh(H, 5, num_power_iters=2, block_size=4, generator=torch.Generator()
                            .manual_seed(3), checkpoint=checkpoint, checkpoint_every=2,
                            storage=storage)
-        return {"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors}
+        return {"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors,
+                "engines": problem.engine_choices}
     from curvscope.analysis import class_structure
 
     res = class_structure(problem, checkpoint=checkpoint, checkpoint_every=1)

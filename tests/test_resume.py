@@ -167,10 +167,13 @@ def test_sketch_and_class_structure_resume(kind, product, tmp_path, monkeypatch)
         monkeypatch.setattr(mod, "_cotangents", flaky_cot)
     else:
         monkeypatch.setattr(_operators.CurvatureOperator, "_accumulate", flaky)
+    # the reference's kernels replayed (a fresh engine="auto" trial may pick another kernel
+    # where two cost the same, which changes the last bits)
+    pinned = reference.pop("engines", None)
     with pytest.raises(_InterruptError):
-        run_more(kind, ckpt)
+        run_more(kind, ckpt, engine_choices=pinned)
     assert ckpt.exists()
     monkeypatch.undo()
-    resumed = run_more(kind, ckpt)
+    resumed = run_more(kind, ckpt, engine_choices=pinned)
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key

@@ -9,9 +9,9 @@ measures instead: on the first batch of the first product with ``k`` columns in 
 (1, 2-3, 4-7, 8-15, 16-31, 32 and more), every candidate kernel computes that batch's
 contribution once and is timed; the fastest one is used from then on, and the trial's own result
 is the product (no work is thrown away but the losers'); the double-backward loop, which needs
-the least memory, is kept unless another kernel is more than 10 % faster. Candidates whose outputs differ from the
-double-backward loop's (the kernel that ``auto`` verifies against finite differences) by more
-than rounding are excluded, so a kernel with a silently wrong rule is never chosen.
+the least memory, is kept unless another kernel is more than 10 % faster. Candidates whose
+outputs differ from the double-backward loop's (the kernel that ``auto`` verifies against finite
+differences) by more than rounding are excluded, so a kernel with a silently wrong rule is never chosen.
 
 The choices live in :attr:`Problem.engine_choices` (shared with the problems derived from it by
 ``restrict_to_class`` / ``restrict_examples``), are reported in every result's ``cost.engines``
@@ -96,9 +96,12 @@ def peak_memory_extra(device: torch.device, start: int | None) -> int | None:
 
 
 def relative_gap(a: Tensor, b: Tensor) -> float:
-    """``||a - b|| / ||b||`` in float64."""
-    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
+    """``||a - b|| / ||b||``, the norms accumulated in float64 (the difference of two close
+    numbers is exact in their own dtype, so no float64 copies of the operands are made).
+    """
+    a, b = a.detach(), b.detach()
+    gap = torch.linalg.vector_norm(a - b, dtype=torch.float64)
+    return float(gap / torch.linalg.vector_norm(b, dtype=torch.float64).clamp_min(1e-300))
 
 
 def agreed_choice(seconds: Mapping[str, float | str], device: torch.device) -> str | None:

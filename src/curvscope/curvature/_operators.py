@@ -528,6 +528,7 @@ class HessianOperator(CurvatureOperator):
         self.richardson = bool(richardson)
         self.last_error_estimate: Tensor | None = None
         self._fd: dict[str, Any] = {}
+        self._fd_columns: Tensor | None = None  # the product's X, for the finite-difference steps
         super().__init__(problem, params=params, chunk_size=chunk_size, engine=engine,
                          richardson=richardson)
 
@@ -736,14 +737,17 @@ class HessianOperator(CurvatureOperator):
         }
 
     def _begin_product(self, X: Tensor) -> None:
-        self._fd = self._fd_state(X)
+        # the finite-difference state (steps, error accumulators) is built on first use only:
+        # exact products must not pay for it
+        self._fd = {k: v for k, v in self._fd.items() if k == "theta_norm"}
+        self._fd_columns = X
         self.last_error_estimate = None
 
     def _commit(self, ctx: _BatchContext) -> None:
         _fold_pending(self._fd)
 
     def _end_product(self, X: Tensor, out: Tensor) -> None:
-        if self.active_engine == "finite_difference" and self._fd:
+        if self.active_engine == "finite_difference" and "steps" in self._fd:
             if self._fd["truncation"] is not None:
                 self.problem.all_reduce(self._fd["truncation"])
             self.problem.all_reduce(self._fd["rounding"])
@@ -755,8 +759,10 @@ class HessianOperator(CurvatureOperator):
         """
         names = list(V)
         k = V[names[0]].shape[0]
-        if not self._fd:
-            raise RuntimeError("finite-difference product outside a product pass")  # pragma: no cover
+        if "steps" not in self._fd:
+            if self._fd_columns is None:
+                raise RuntimeError("finite-difference product outside a product pass")  # pragma: no cover
+            self._fd = self._fd_state(self._fd_columns)
         steps = self._fd["steps"][ctx.columns]
         eps = torch.finfo(self.problem.dtype).eps
         values, truncations, roundings = [], [], []

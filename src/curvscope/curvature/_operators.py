@@ -587,8 +587,7 @@ class HessianOperator(CurvatureOperator):
                       V: dict[str, Tensor]) -> dict[str, Tensor]:
         """One kernel without fallbacks (a failure excludes it from the trial)."""
         if name == "forward_over_reverse":
-            grad_fn = grad(ctx.loss)
-            return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
+            return _forward_over_reverse(ctx, V)
         return self._double_backward(ctx, V, loop=name == "double_backward_loop",
                                      batched_fallback=False)
 
@@ -659,8 +658,7 @@ class HessianOperator(CurvatureOperator):
     def _forward_over_reverse_or_fallback(self, ctx: _BatchContext,
                                           V: dict[str, Tensor]) -> dict[str, Tensor]:
         try:
-            grad_fn = grad(ctx.loss)
-            return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
+            return _forward_over_reverse(ctx, V)
         except Exception as err:  # noqa: BLE001 - re-raised unless a missing AD rule
             _fall_back(err, "the forward-over-reverse Hessian engine failed",
                        "using engine='double_backward' for this operator from now on")
@@ -955,6 +953,12 @@ class FisherMCOperator(_PerExampleGradientKernel):
         z, _ = ctx.linearization()
         r = reduction_factor(ctx.loss_kind(), self.problem.reduction, z, ctx.batch.target)
         return ctx.batch.weight * r
+
+
+def _forward_over_reverse(ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``H_b V``: the jvp of the batch's gradient, vmapped over the ``k`` columns."""
+    grad_fn = grad(ctx.loss)
+    return vmap(lambda v: jvp(grad_fn, (ctx.params,), (v,))[1])(V)
 
 
 def _fold_pending(state: dict[str, Any]) -> None:

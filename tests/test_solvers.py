@@ -587,6 +587,57 @@ def test_full_reorthogonalisation_does_not_call_item(monkeypatch):
     assert calls == {"item": 0, "tolist": 0}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_selective_second_pass_is_as_orthogonal_as_cgs2(dtype, monkeypatch):
+    """The DGKS test skips the second Gram-Schmidt pass on most Lanczos steps and the basis is
+    as orthogonal as with both passes on every step (a cluster at the top makes the run converge,
+    so cancelling steps occur too)."""
+    import importlib
+
+    lz = importlib.import_module("curvscope.solvers.lanczos")
+    l = torch.cat([torch.linspace(0, 1, 290, dtype=F64), 50 + 1e-6 * torch.arange(10.0)])
+    A = DenseOperator(planted_matrix(l, 40).to(dtype), tags={"symmetric"})
+    eps = torch.finfo(dtype).eps
+
+    def loss_of(res):
+        Q = res.basis.to(F64)
+        eye = torch.eye(Q.shape[1], dtype=F64)
+        return float((Q @ Q.transpose(1, 2) - eye).abs().max())
+
+    second_passes = {"run": 0, "skipped": 0}
+    cancelled = lz._cancelled
+
+    def counting(W, before):
+        out = cancelled(W, before)
+        second_passes["run" if out else "skipped"] += 1
+        return out
+
+    monkeypatch.setattr(lz, "_cancelled", counting)
+    selective = lanczos(A, 120, num_probes=3, generator=gen(41))
+    assert second_passes["skipped"] > 2 * second_passes["run"]  # most steps: one pass
+    monkeypatch.setattr(lz, "_cancelled", lambda W, before: True)
+    both = lanczos(A, 120, num_probes=3, generator=gen(41))
+    assert loss_of(both) <= 100 * eps
+    assert loss_of(selective) <= max(4 * loss_of(both), 50 * eps)
+    assert torch.allclose(selective.ritz()[0][:, -10:], both.ritz()[0][:, -10:], rtol=10 * eps)
+
+
+def test_selective_pass_reorthogonalises_a_cancelling_vector():
+    """A vector almost inside span(Q): one pass leaves rounding-size components along Q (relative
+    to what is left), the DGKS test sees the cancellation and runs the second pass."""
+    from curvscope.solvers.lanczos import _project_out
+
+    n, j = 2000, 30
+    Q = torch.linalg.qr(torch.randn(n, j, generator=gen(42)))[0].T.contiguous()[None]  # [1, j, n]
+    inside = Q[0].T @ torch.randn(j, 1, generator=gen(43))
+    W = inside + 1e-9 * torch.randn(n, 1, generator=gen(44))
+    once = W - Q[0].T @ (Q[0] @ W)
+    out = _project_out(W, Q, selective=True)
+    rel = lambda X: float((Q[0] @ X).norm() / X.norm())  # noqa: E731
+    assert rel(once) > 1e3 * torch.finfo(torch.float32).eps  # one pass is not enough here
+    assert rel(out) <= 10 * torch.finfo(torch.float32).eps
+
+
 # ----------------------------------------------------------------------------- warm start
 def test_eigsh_warm_start_with_exact_eigenvectors():
     l = spectrum("separated", 3000)

@@ -812,3 +812,22 @@ def planted_dense_for_noise(n):
     lam = torch.cat([torch.tensor([30.0, 20.0, 10.0], dtype=F64),
                      torch.rand(n - 3, generator=gen(2), dtype=F64)])
     return Q @ torch.diag(lam) @ Q.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("spread", [1.0, 1e6])  # cond(R) ~ 1 (the QR's pass skipped) and 1e6
+def test_block_orthonormalisation_stays_orthogonal_to_the_basis(dtype, spread):
+    """eigsh's _orthonormalize skips the post-QR Gram-Schmidt pass only when cond(R) is small;
+    either way the new block is orthonormal and orthogonal to Q to working precision."""
+    from curvscope.solvers.eigsh import _orthonormalize
+
+    n, j, b = 3000, 40, 4
+    Q = torch.linalg.qr(torch.randn(n, j, generator=gen(45), dtype=F64))[0].to(dtype)
+    X = torch.randn(n, b, generator=gen(46), dtype=F64)
+    X[:, 1] = X[:, 0] + X[:, 1] / spread  # nearly dependent columns: an ill-conditioned R
+    X = X.to(dtype)
+    for cols in (X, X[:, :1]):
+        out = _orthonormalize(cols, Q, gen(47)).to(F64)
+        eps = torch.finfo(dtype).eps
+        assert float((Q.to(F64).T @ out).abs().max()) <= 20 * eps
+        assert float((out.T @ out - torch.eye(out.shape[1], dtype=F64)).abs().max()) <= 20 * eps

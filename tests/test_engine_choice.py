@@ -6,6 +6,7 @@ import torch
 
 import curvscope as cs
 from curvscope.curvature._engine_choice import agreed_choice, column_bucket
+from curvscope.linops import DenseOperator
 from curvscope.testing import tiny_cnn, tiny_mlp
 
 
@@ -98,3 +99,89 @@ def test_buckets_and_the_loop_margin():
     assert agreed_choice({"double_backward_loop": "failed: x",
                           "double_backward_batched": 2.0}, cpu) == "double_backward_batched"
     assert agreed_choice({"double_backward_loop": "failed: x"}, cpu) is None
+
+
+def test_loop_is_timed_on_a_sample_and_extrapolated():
+    from curvscope.curvature._engine_choice import LOOP_SAMPLE, loop_seconds
+
+    # one backward with the graph + first column = 3 s, each further column 2/3 s
+    assert loop_seconds(3.0, 2.0, 4, 10) == pytest.approx(3.0 + 9 * 2.0 / 3)
+    assert loop_seconds(3.0, 2.0, 4, 4) == pytest.approx(5.0)  # all columns timed: no estimate
+    assert loop_seconds(3.0, 0.0, 1, 1) == 3.0
+    problem = _problem("mlp")
+    H = cs.HessianOperator(problem)
+    H @ torch.randn(problem.num_params, 16, dtype=torch.float64)
+    record = H.engine_choices[H._choice_key(16)]
+    assert record["timed_columns"] == {"double_backward_loop": LOOP_SAMPLE,
+                                       "double_backward_batched": 16, "forward_over_reverse": 16}
+
+
+def test_loop_chosen_after_a_sampled_trial_gives_every_column(monkeypatch):
+    """When the loop wins a trial that timed it on 4 of 16 columns, the other 12 are computed
+    after it and the product is the dense one (float64, 1e-12)."""
+    import importlib
+
+    ops = importlib.import_module("curvscope.curvature._operators")
+    monkeypatch.setattr(ops, "choose", lambda mean: "double_backward_loop")
+    problem = _problem("cnn")
+    H = cs.HessianOperator(problem)
+    X = torch.randn(problem.num_params, 16, generator=torch.Generator().manual_seed(5),
+                    dtype=torch.float64)
+    out = H @ X
+    assert H.engine_choices[H._choice_key(16)]["engine"] == "double_backward_loop"
+    dense = cs.HessianOperator(_problem("cnn"), engine="double_backward").to_dense() @ X
+    assert float((out - dense).norm() / dense.norm()) <= 1e-12
+    assert float((out[:, 4:] - dense[:, 4:]).norm() / dense[:, 4:].norm()) <= 1e-12
+
+
+def test_measured_seconds_per_column_come_from_the_trial_and_a_forced_engine_has_none():
+    problem = _problem("cnn")
+    H = cs.HessianOperator(problem)
+    assert not H.engine_choices
+    per_column = H.measured_seconds_per_column(4)  # no product yet: a trial on the first batch
+    record = H.engine_choices[H._choice_key(4)]
+    assert per_column == record["mean_seconds_per_column"] > 0
+    assert per_column == record["seconds_per_column"][record["engine"]]  # one process: its own
+    H @ torch.randn(problem.num_params, 5, dtype=torch.float64)  # same bucket: no new trial
+    assert H.engine_choices[H._choice_key(5)] is record
+    assert cs.HessianOperator(_problem("cnn"), engine="double_backward") \
+        .measured_seconds_per_column(4) is None
+
+
+def test_eigsh_takes_blocks_on_a_cpu_only_when_they_pay():
+    from curvscope.solvers.eigsh import BLOCK_COLUMN_FACTOR, CPU_BLOCK, default_block_size
+
+    class Timed:
+        def __init__(self, device, one, block):
+            self.device, self.cost = torch.device(device), {1: one, CPU_BLOCK: block}
+
+        def measured_seconds_per_column(self, k):
+            return self.cost[k]
+
+    assert default_block_size(Timed("cpu", 1.0, 0.5), 20) == CPU_BLOCK
+    assert default_block_size(Timed("cpu", 1.0, 1.01 / BLOCK_COLUMN_FACTOR), 20) == 1
+    assert default_block_size(Timed("cpu", 1.0, None), 20) == 1  # not measured: one column
+    assert default_block_size(Timed("cpu", 1.0, 0.5), CPU_BLOCK - 1) == 1  # k below the block
+    assert default_block_size(Timed("meta", 1.0, 2.0), 20) == 8  # accelerators: min(k, 8)
+    assert default_block_size(Timed("meta", 1.0, 2.0), 3) == 3
+    dense = DenseOperator(torch.eye(3, dtype=torch.float64))
+    assert default_block_size(dense, 20) == 1  # an operator that cannot measure
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_eigsh_with_the_measured_block_equals_dense(block, monkeypatch):
+    """Whichever block the measurement picks, the top eigenpairs of the CNN's Hessian are the
+    dense ones (the block forced both ways through the rule's threshold)."""
+    import importlib
+
+    es = importlib.import_module("curvscope.solvers.eigsh")
+    monkeypatch.setattr(es, "BLOCK_COLUMN_FACTOR", 1e9 if block == 1 else 0.0)
+    problem = _problem("cnn")
+    H = cs.HessianOperator(problem)
+    assert es.CPU_BLOCK == 4 and es.default_block_size(H, 6) == block
+    res = cs.eigsh(H, 6, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    dense = torch.linalg.eigvalsh(cs.HessianOperator(_problem("cnn"),
+                                                     engine="double_backward").to_dense())
+    top = dense.flip(0)[:6]
+    assert torch.allclose(res.eigenvalues.sort(descending=True).values, top,
+                          rtol=1e-8, atol=1e-10 * float(top.abs().max()))

@@ -7,8 +7,10 @@ double-backward loop 2.6 for one column and 1.6 for 16; the vmapped forward-over
 for one and 0.7 for 33). No fixed rule picks the cheapest everywhere, so ``engine="auto"``
 measures instead: on the first batch of the first product with ``k`` columns in a given *bucket*
 (1, 2-3, 4-7, 8-15, 16-31, 32 and more), every candidate kernel computes that batch's
-contribution once and is timed; the fastest one is used from then on, and the trial's own result
-is the product (no work is thrown away but the losers'); the double-backward loop, which needs
+contribution once and is timed (the double-backward loop, whose cost is linear in the columns,
+on its first :data:`LOOP_SAMPLE` columns, extrapolated by :func:`loop_seconds`); the fastest one
+is used from then on, and the trial's own result is the product (no work is thrown away but the
+losers'); the double-backward loop, which needs
 the least memory, is kept unless another kernel is more than 10 % faster. Candidates whose
 outputs differ from the double-backward loop's (the kernel that ``auto`` verifies against finite
 differences) by more than rounding are excluded, so a kernel with a silently wrong rule is never chosen.
@@ -46,6 +48,9 @@ AGREEMENT = 10.0
 #: The double-backward loop is kept unless another kernel is faster by more than this factor.
 LOOP_MARGIN = 1.1
 
+#: Columns the double-backward loop is timed on in a trial (the rest are extrapolated).
+LOOP_SAMPLE = 4
+
 
 def column_bucket(k: int) -> str:
     """The bucket of a column count whose kernels share one trial: ``"1"``, ``"2-3"``, ...,
@@ -67,6 +72,19 @@ def choice_key(operator: str, names: tuple[str, ...], all_names: tuple[str, ...]
 def candidates(k: int) -> tuple[str, ...]:
     """The kernels worth a trial for ``k`` columns (a batched backward of one column is the loop)."""
     return tuple(c for c in HESSIAN_KERNELS if k > 1 or c != "double_backward_batched")
+
+
+def loop_seconds(first: float, rest: float, sampled: int, k: int) -> float:
+    """Seconds of the double-backward loop over ``k`` columns from a trial on ``sampled``.
+
+    The loop's cost is linear in the columns: one backward that keeps its graph plus the first
+    column (``first``, timed alone), then one backward per further column (``rest`` for the
+    next ``sampled - 1``): ``first + (k - 1) rest / (sampled - 1)``. Timing the loop on four
+    columns instead of all ``k`` keeps a trial at ``k = 33`` from costing a whole extra product.
+    """
+    if sampled <= 1 or k <= 1:
+        return first * max(k, 1)
+    return first + (k - 1) * rest / (sampled - 1)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -104,28 +122,44 @@ def relative_gap(a: Tensor, b: Tensor) -> float:
     return float(gap / torch.linalg.vector_norm(b, dtype=torch.float64).clamp_min(1e-300))
 
 
-def agreed_choice(seconds: Mapping[str, float | str], device: torch.device) -> str | None:
-    """The fastest kernel after summing every rank's per-column seconds (failed ones: infinite),
-    except that the double-backward loop (the least memory, one column at a time) is kept when
-    it is within :data:`LOOP_MARGIN` of the fastest: near-ties would otherwise flip from run to
-    run with the machine's noise.
-
-    Returns ``None`` when no kernel ran on some rank.
+def agreed_seconds(seconds: Mapping[str, float | str], device: torch.device) -> dict[str, float]:
+    """Every kernel's seconds per column averaged over the ranks (one process: its own), a
+    kernel that failed on some rank infinite: the same figures on every rank, so that choices
+    made from them (the kernel, :func:`~curvscope.solvers.eigsh`'s block) agree.
     """
-    names = list(seconds)
     inf = float("inf")
     values = torch.tensor([v if isinstance(v, float) else inf for v in seconds.values()],
                           dtype=torch.float64, device=device)
     finite = torch.isfinite(values)
     values = torch.where(finite, values, torch.full_like(values, 1e30))
     distributed.all_reduce_sum(values)
-    best = int(torch.argmin(values))
-    if float(values[best]) >= 1e30:
+    ranks = distributed.world()[1]
+    return {name: (float(v) / ranks if float(v) < 1e30 else inf)
+            for name, v in zip(seconds, values.tolist())}
+
+
+def agreed_choice(seconds: Mapping[str, float | str], device: torch.device) -> str | None:
+    """The fastest kernel by every rank's mean seconds per column (:func:`agreed_seconds`),
+    except that the double-backward loop (the least memory, one column at a time) is kept when
+    it is within :data:`LOOP_MARGIN` of the fastest: near-ties would otherwise flip from run to
+    run with the machine's noise.
+
+    Returns ``None`` when no kernel ran on some rank.
+    """
+    return choose(agreed_seconds(seconds, device))
+
+
+def choose(mean: Mapping[str, float]) -> str | None:
+    """:func:`agreed_choice` from already agreed seconds per column."""
+    if not mean:
         return None
-    loop = names.index("double_backward_loop") if "double_backward_loop" in names else None
-    if loop is not None and float(values[loop]) <= LOOP_MARGIN * float(values[best]):
-        return names[loop]
-    return names[best]
+    best = min(mean, key=mean.__getitem__)
+    if mean[best] == float("inf"):
+        return None
+    loop = mean.get("double_backward_loop")
+    if loop is not None and loop <= LOOP_MARGIN * mean[best]:
+        return "double_backward_loop"
+    return best
 
 
 def describe(record: Mapping[str, Any]) -> str:

@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,10 +38,13 @@ from torch.func import grad, jvp, vjp, vmap
 from curvscope import distributed
 from curvscope.curvature._engine_choice import (
     AGREEMENT,
-    agreed_choice,
+    LOOP_SAMPLE,
+    agreed_seconds,
     candidates,
     choice_key,
+    choose,
     describe,
+    loop_seconds,
     peak_memory_extra,
     peak_memory_start,
     relative_gap,
@@ -572,6 +576,40 @@ class HessianOperator(CurvatureOperator):
         return {key: rec for key, rec in self.problem.engine_choices.items()
                 if key.startswith(prefix)}
 
+    def measured_seconds_per_column(self, k: int) -> float | None:
+        """Seconds per column of a ``k``-column product with the kernel ``auto`` chose for it.
+
+        From the trial of that column bucket; when no product of that width has been made yet,
+        the trial runs now on the first batch with random columns (its product is discarded;
+        the cost of a few columns on one batch). ``None`` when the engine is forced.
+        Solvers use it to choose the shape of their products (e.g. :func:`eigsh`'s block).
+        """
+        if self.active_engine != "auto":
+            return None
+        key = self._choice_key(k)
+        if key not in self.problem.engine_choices:
+            self._trial_on_first_batch(k)
+        record = self.problem.engine_choices.get(key)
+        if record is None:
+            return None
+        value = record.get("mean_seconds_per_column")  # the same on every rank
+        return value if isinstance(value, float) else None
+
+    def _trial_on_first_batch(self, k: int) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(20240902)
+        X = torch.randn(self.shape[0], k, generator=gen, dtype=torch.float64)
+        Xp = X.to(device=self.device, dtype=self.problem.dtype)
+        out = torch.zeros(Xp.shape, dtype=self.dtype, device=self.device)
+        all_params = self.problem.parameters()
+        params = {n: all_params[n] for n in self.param_space.names}
+        frozen = self.problem.frozen_parameters(params)
+        with self.problem.model_context(), torch.enable_grad(), \
+                self.problem.product_context(True):
+            self._begin_product(Xp)
+            for batch in self.problem.batches():
+                self._accumulate_batch(batch, params, frozen, [(1.0, self)], Xp, out)
+                break
+
     def _choice_key(self, k: int) -> str:
         return choice_key("hessian", tuple(self.param_space.names),
                           tuple(self.problem.param_space.names), self.problem.dtype,
@@ -600,10 +638,15 @@ class HessianOperator(CurvatureOperator):
     def _engine_trial(self, ctx: _BatchContext, V: dict[str, Tensor], k: int) -> dict[str, Tensor]:
         """Time every candidate kernel on this batch and column chunk; keep the fastest one that
         agrees with the (verified) double-backward loop, and return its product.
+
+        The loop is timed on its first :data:`LOOP_SAMPLE` columns only and extrapolated
+        (:func:`loop_seconds`); the batched kernels run on all ``k`` columns, since their cost
+        per column falls with ``k``. Agreement is checked on the loop's columns.
         """
         device, eps = self.device, torch.finfo(self.problem.dtype).eps
         seconds: dict[str, float | str] = {}
         extra_bytes: dict[str, int | None] = {}
+        timed_columns: dict[str, int] = {}
         reference: Tensor | None = None
         best: tuple[str, dict[str, Tensor], float] | None = None
         loop_error: Exception | None = None
@@ -613,7 +656,12 @@ class HessianOperator(CurvatureOperator):
             try:
                 with warnings.catch_warnings():  # torch's "performance drop" notes on batching
                     warnings.filterwarnings("ignore", message="There is a performance drop")
-                    out, dt = timed(lambda name=name: self._trial_kernel(name, ctx, V), device)
+                    if name == "double_backward_loop":
+                        out, dt, sampled = self._time_loop_sample(ctx, V, k)
+                    else:
+                        out, dt = timed(functools.partial(self._trial_kernel, name, ctx, V),
+                                        device)
+                        sampled = k
             except torch.OutOfMemoryError:
                 seconds[name] = "out of memory"
                 if torch.cuda.is_available():
@@ -626,12 +674,12 @@ class HessianOperator(CurvatureOperator):
                     loop_error = err
                 seconds[name] = f"failed: {_first_line(err)[:120]}"
                 continue
-            extra_bytes[name] = peak_memory_extra(device, start)
-            flat = self.param_space.join(out, batched=True)
+            extra_bytes[name], timed_columns[name] = peak_memory_extra(device, start), sampled
             if reference is None and name == "double_backward_loop":
-                reference = flat
+                reference = self.param_space.join(out, batched=True)
             elif reference is not None:
-                gap = relative_gap(flat, reference)
+                head = self.param_space.join(_columns(out, 0, reference.shape[1]), batched=True)
+                gap = relative_gap(head, reference)
                 if gap > AGREEMENT * eps**0.5:
                     seconds[name] = f"disagrees with double_backward_loop ({gap:.1e})"
                     continue
@@ -644,16 +692,37 @@ class HessianOperator(CurvatureOperator):
             if all(v == "out of memory" for v in seconds.values()):
                 raise torch.OutOfMemoryError(f"every Hessian kernel ran out of memory with {k} "
                                              "columns")
-        chosen = agreed_choice(seconds, device)
+        mean = agreed_seconds(seconds, device)
+        chosen = choose(mean)
         if chosen is None:
             raise RuntimeError(f"no exact Hessian kernel ran on some rank: {seconds}")
         record = {"engine": chosen, "seconds_per_column": seconds, "columns": k,
+                  "mean_seconds_per_column": mean[chosen], "timed_columns": timed_columns,
                   "examples": ctx.batch.size, "peak_extra_bytes": extra_bytes.get(chosen)}
         self.problem.engine_choices[self._choice_key(k)] = record
         logger.info("Hessian products with %d columns: %s", k, describe(record))
-        if best is not None and best[0] == chosen:
-            return best[1]
-        return self._kernel(chosen, ctx, V)  # another rank was faster with another kernel
+        if best is None or best[0] != chosen:
+            return self._kernel(chosen, ctx, V)  # another rank was faster with another kernel
+        out, done = best[1], timed_columns[chosen]
+        if done < k:  # the loop was timed on its first columns: the rest, with its cached graph
+            rest = self._kernel(chosen, ctx, _columns(V, done, k))
+            out = {n: torch.cat([out[n], rest[n]]) for n in out}
+        return out
+
+    def _time_loop_sample(self, ctx: _BatchContext, V: dict[str, Tensor], k: int
+                          ) -> tuple[dict[str, Tensor], float, int]:
+        """The double-backward loop on columns ``0`` and ``1 .. s-1`` (``s = min(k,
+        LOOP_SAMPLE)``), timed apart: ``(their product, estimated seconds for all k, s)``.
+        """
+        sampled = min(k, LOOP_SAMPLE)
+        loop = "double_backward_loop"
+        head, first = timed(lambda: self._trial_kernel(loop, ctx, _columns(V, 0, 1)), self.device)
+        if sampled == 1:
+            return head, first, 1
+        tail, rest = timed(lambda: self._trial_kernel(loop, ctx, _columns(V, 1, sampled)),
+                           self.device)
+        out = {n: torch.cat([head[n], tail[n]]) for n in head}
+        return out, loop_seconds(first, rest, sampled, k), sampled
 
     def _forward_over_reverse_or_fallback(self, ctx: _BatchContext,
                                           V: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -953,6 +1022,11 @@ class FisherMCOperator(_PerExampleGradientKernel):
         z, _ = ctx.linearization()
         r = reduction_factor(ctx.loss_kind(), self.problem.reduction, z, ctx.batch.target)
         return ctx.batch.weight * r
+
+
+def _columns(V: dict[str, Tensor], lo: int, hi: int) -> dict[str, Tensor]:
+    """Columns ``lo:hi`` of a batched parameter-shaped block ``{name: [k, *shape]}``."""
+    return {n: v[lo:hi] for n, v in V.items()}
 
 
 def _forward_over_reverse(ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -28,8 +28,8 @@ TINY = ["--size", "w1-tiny", "--w1-width", str(W1["width"]), "--w1-images", str(
         "--slq-steps", str(STEPS), "--trace-products", str(PRODUCTS), "--ref-slq-probes", "6",
         "--ref-slq-chunk", "3", "--ref-trace-products", "48", "--ref-topk-tol", "1e-8",
         "--timeout", "90", "--ref-timeout", "120", "--threads", "1"]
-TARGET_KEYS = {"density", "topk", "trace-hutchpp:curvlinops", "trace-xtrace:curvlinops",
-               "trace-hutchpp:pyhessian", "trace-xtrace:pyhessian"}
+# the CPU targets (issue 10); on a GPU also the PyHessian trace rows (issue 5)
+TARGET_KEYS = {"density", "topk", "trace-hutchpp:curvlinops", "trace-xtrace:curvlinops"}
 PEER_MODULES = ("pyhessian", "hessian_eigenthings", "curvlinops", "skerch")
 
 
@@ -109,6 +109,7 @@ def test_w1_target_table_has_every_target(w1_run):
     assert {r["target"] for r in rows} == TARGET_KEYS
     for r in rows:
         assert r["curvscope"]["wall_s"] > 0 and r["curvscope"]["memory"] != "–"
+        assert 0 < r["curvscope"]["gradients_per_column"] and 0 <= r["curvscope"]["not_products"] < 1
         assert r["status"] == "NO PEER"  # --libs curvscope: no peer cell ran
     assert "## Targets" in stdout and stdout.count("**NO PEER**") >= len(TARGET_KEYS)
 
@@ -234,3 +235,25 @@ def test_peer_cells_run_on_resnet(tmp_path):
     peers = [c for c in payload["cells"] if c["library"] != "curvscope"]
     assert peers and all(c["status"] == "ok" for c in peers), [
         (c["library"], c["setting"], c.get("error")) for c in peers if c["status"] != "ok"]
+
+
+def test_cpu_targets_and_the_physical_limit():
+    """On a CPU the issue-10 targets apply (2x, 2x, 1.2x curvlinops); curvscope's row carries
+    its products' cost in gradients per column, the share that is not products and the limit."""
+    cpu = bench.target_defs(_budget(), "cpu")
+    assert {k: v[0] for k, v in cpu.items()} == {
+        "density": 2.0, "topk": 2.0, "trace-hutchpp:curvlinops": 1.2,
+        "trace-xtrace:curvlinops": 1.2}
+    assert bench.target_defs(_budget(), "cuda")["density"][0] == 5.0
+    cs_rec = _rec("curvscope", "trace", 2.0, ["trace-hutchpp:curvlinops"], rel_err=1e-3)
+    cs_rec.update(product_s=1.5, gradient_s=0.05, counts={"hvps": 99, "calls": 2})
+    recs = [cs_rec, _rec("curvlinops", "trace", 2.2, ["trace-hutchpp:curvlinops"], rel_err=1e-3)]
+    rows = {r["target"]: r for r in bench.evaluate_targets(
+        recs, ["p"], {}, {"p": "f"}, _budget(), "cpu")}
+    row = rows["trace-hutchpp:curvlinops"]
+    assert row["status"] == "NOT MET" and "time ratio 1.10 < 1.2" in row["reason"]
+    lim = row["curvscope"]
+    assert lim["not_products"] == pytest.approx(0.25)
+    assert lim["gradients_per_column"] == pytest.approx(1.5 / (99 * 0.05))
+    assert lim["limit_s"] == pytest.approx(2 * 0.05)
+    assert "gradients/column" in bench.targets_markdown(list(rows.values()))

@@ -138,6 +138,8 @@ def test_wrong_loss_type(tmp_path, capsys):
 
 def test_failure_mid_run_keeps_partial_results(tmp_path, capsys, monkeypatch):
     """A failure after the first stages: exit 1, one line, and partial.json holds what was done."""
+    # (--method iterative throughout: the failures are injected into SLQ, which the dense path of
+    # a small model never calls)
     import curvscope.analysis.spectrum as spectrum
 
     real_slq = spectrum.slq
@@ -152,7 +154,7 @@ def test_failure_mid_run_keeps_partial_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(spectrum, "slq", failing_slq)
     path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
     out = tmp_path / "o"
-    code = main(["run", str(path), "--out", str(out), *FAST])
+    code = main(["run", str(path), "--out", str(out), *FAST, "--method", "iterative"])
     _one_line_error(capsys, code, EXIT_FAILED, "simulated crash")
     partial = json.loads((out / "partial.json").read_text())
     assert {"top", "bottom", "density"} <= set(partial["stages_done"])
@@ -256,7 +258,7 @@ def test_failure_after_a_stage_names_the_partial_file(tmp_path, capsys, monkeypa
     monkeypatch.setattr(spectrum, "slq", failing_slq)
     path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
     out = tmp_path / "o"
-    code = main(["run", str(path), "--out", str(out), *FAST])
+    code = main(["run", str(path), "--out", str(out), *FAST, "--method", "iterative"])
     _one_line_error(capsys, code, EXIT_FAILED, "^curvscope run: failed: RuntimeError: simulated crash in "
                     f"the density; partial results are kept in {re.escape(str(out / 'partial.json'))}$")
     assert {"top", "bottom"} <= set(json.loads((out / "partial.json").read_text())["stages_done"])
@@ -331,7 +333,7 @@ def test_interrupt_names_the_partial_file_only_when_written(tmp_path, capsys, mo
     assert capsys.readouterr().err.strip() == "curvscope run: interrupted"
     monkeypatch.undo()
     monkeypatch.setattr(spectrum, "slq", interrupt)  # after the top and bottom stages
-    code = main(["run", str(path), "--out", str(tmp_path / "b"), *FAST])
+    code = main(["run", str(path), "--out", str(tmp_path / "b"), *FAST, "--method", "iterative"])
     assert code == EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == (
         f"curvscope run: interrupted; partial results are in {tmp_path / 'b' / 'partial.json'}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvscope._diagnostics import Cost
 from curvscope.analysis.class_structure import ClassStructure, class_structure
 from curvscope.analysis.outliers import (
     OutlierSplit,
@@ -40,6 +42,7 @@ from curvscope.curvature._problem import Problem
 from curvscope.estimators.slq import SpectralDensity, slq
 from curvscope.estimators.stats import student_t_quantile
 from curvscope.solvers._results import ConvergenceWarning, EigenResult
+from curvscope.solvers.dense import dense_matrix, eigenpairs, spectrum_of
 from curvscope.solvers.eigsh import eigsh
 
 logger = logging.getLogger(__name__)
@@ -108,8 +111,9 @@ class SpectrumAnalysis:
                    f"carry {mass:.0%} of the spectral mass (smallest eigenvalue "
                    f"{float(self.bottom.eigenvalues.min()):.3g}).")
         tr, half = self.trace_interval()
-        out.append(f"Trace {tr:.4g} +- {half:.2g} (95% interval over "
-                   f"{self.density.num_probes} probes); spectrum within "
+        how = ("exact: every eigenvalue from the dense Hessian" if self.density.exact else
+               f"+- {half:.2g} (95% interval over {self.density.num_probes} probes)")
+        out.append(f"Trace {tr:.4g} {how}; spectrum within "
                    f"[{self.density.bounds[0]:.3g}, {self.density.bounds[1]:.3g}].")
         if self.classes is not None and n_out:
             top = self.top.eigenvalues[:n_out].to(torch.float64)
@@ -128,6 +132,8 @@ class SpectrumAnalysis:
     def trace_interval(self, level: float = 0.95) -> tuple[float, float]:
         """``tr H`` and the half-width of its ``level`` interval (Student t over the probes)."""
         tr, se = self.trace()
+        if self.density.exact:
+            return tr, 0.0
         return tr, student_t_quantile(level, self.density.num_probes - 1) * se
 
 
@@ -143,6 +149,7 @@ def analyze(
     class_mode: str = "auto",
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
     bottom_k: int = 5,
+    exact: bool | None = None,
 ) -> SpectrumAnalysis:
     """Run the full spectrum analysis of a Problem's Hessian (see the module docstring).
 
@@ -158,6 +165,10 @@ def analyze(
         on_stage: called as ``on_stage(name, results_so_far)`` after each stage (the CLI saves
             them, so an interrupted run keeps what it computed).
         bottom_k: smallest eigenpairs to compute (to ``1e-3 ||H||`` absolute residual).
+        exact: ``True``: the dense matrices of ``H`` and ``G`` from products of identity blocks
+            and ``eigh`` (every eigenvalue, exact densities); ``False``: Lanczos, eigsh and SLQ;
+            ``None`` (default): exact when :func:`exact_is_cheaper` (``P`` up to
+            :data:`EXACT_MAX_PARAMS` and no more product columns than the iterative plan).
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
@@ -183,36 +194,23 @@ def analyze(
         if on_stage is not None:
             on_stage(name, done)
 
-    H = HessianOperator(problem)
-    top = eigsh(H, k, which="LA", generator=gen(1), tol=1e-6)
-    emit("top", top)
-    # eigenvalues near zero cannot meet a relative tolerance: accept 1e-3 ||H|| absolute, and
-    # a bounded effort (the mask in the result says which pairs converged)
-    atol = 1e-3 * float(top.eigenvalues.abs().max())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        bottom = eigsh(H, min(bottom_k, P), which="SA", generator=gen(2), tol=1e-6, atol=atol,
-                       max_iters=40)
-    notes += [str(w.message) for w in caught]
-    emit("bottom", bottom)
-    density = slq(H, num_probes, num_iters, generator=gen(3))
-    emit("density", density)
-    split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold)
-    bulk_density = None
-    if split0.count:
-        deflate = _first(top, split0.count)
-        bulk_density = slq(H, num_probes, num_iters, deflate=deflate, generator=gen(4))
+    cols = planned_columns(num_probes, num_iters, k, min(bottom_k, P), papyan)
+    use_exact = exact_is_cheaper(P, cols, papyan) if exact is None else bool(exact)
+    if use_exact:
+        spectra = _exact_spectra(problem, k, min(bottom_k, P), papyan, emit)
+    else:
+        spectra = _iterative_spectra(problem, k, min(bottom_k, P), papyan, num_probes, num_iters,
+                                     outlier_threshold, gen, emit, notes)
+    top, bottom, density = spectra["top"], spectra["bottom"], spectra["density"]
     split = find_outliers(top.eigenvalues, threshold=outlier_threshold,
-                          bulk_upper_bound=bulk_density.bounds[1] if bulk_density else None)
+                          bulk_upper_bound=spectra["bulk_upper_bound"])
+    bulk_density = spectra["bulk_density"](split.count)
     tail = top.eigenvalues[split.count:]
     power = fit_power_law(tail) if int((tail > 0).sum()) >= 3 else None
-    ggn_top = ggn_density = residual_density = None
+    ggn_top, ggn_density = spectra.get("ggn_top"), spectra.get("ggn_density")
+    residual_density = spectra.get("residual_density")
     overlap = None
-    if papyan:
-        G = GGNOperator(problem)
-        ggn_top = eigsh(G, k, which="LA", generator=gen(5), tol=1e-6)
-        ggn_density = slq(G, num_probes, num_iters, generator=gen(6))
-        residual_density = slq(ResidualOperator(problem), num_probes, num_iters, generator=gen(7))
+    if ggn_top is not None:
         r = max(split.count, 1)
         overlap = subspace_overlap(_vectors(top, r), _vectors(ggn_top, r))
         emit("papyan", {"ggn_top": ggn_top.to_dict(), "overlap_hessian_ggn": overlap})
@@ -237,11 +235,144 @@ def analyze(
         "dtype": str(problem.dtype), "device": str(problem.device), "mode": problem.mode,
         "reduction": problem.reduction, "seed": seed, "budget": budget, "k": k,
         "num_probes": num_probes, "num_iters": num_iters, "notes": notes,
+        "method": "exact" if use_exact else "iterative",
+        "method_reason": _method_reason(use_exact, exact, P, cols, papyan),
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
                             None if ggn_top is None else _host(ggn_top), ggn_density,
                             residual_density, overlap, cls, overlaps, explains,
                             within if cls is not None else {})
+
+
+#: Above this many parameters the analysis never forms dense matrices (``P^2`` float64 numbers
+#: each for H, G and their eigenvectors, and ``O(P^3)`` eigh: about 5 s on one core at 3000).
+EXACT_MAX_PARAMS = 3000
+
+
+def planned_columns(num_probes: int, num_iters: int, k: int, bottom_k: int,
+                    papyan: bool) -> int:
+    """Product columns the iterative analysis is expected to take: ``p x m`` per SLQ density
+    (H, the deflated bulk, and with ``papyan`` G and H - G) plus about ``4 k + 20`` per eigsh
+    (top of H, bottom of H, top of G); an estimate to compare with the dense path's ``P``.
+    """
+    densities = 4 if papyan else 2
+    solves = (4 * k + 20) * (2 if papyan else 1) + 4 * bottom_k + 20
+    return densities * num_probes * num_iters + solves
+
+
+def exact_is_cheaper(P: int, iterative_columns: int, papyan: bool) -> bool:
+    """Whether the dense path (``P`` columns of H, and ``P`` of G with ``papyan``) takes no more
+    product columns than the iterative plan, for ``P <= EXACT_MAX_PARAMS``.
+    """
+    return P <= EXACT_MAX_PARAMS and P * (2 if papyan else 1) <= iterative_columns
+
+
+def _method_reason(use_exact: bool, asked: bool | None, P: int, cols: int, papyan: bool) -> str:
+    if asked is not None:
+        return f"exact={asked} was asked for"
+    dense = P * (2 if papyan else 1)
+    if use_exact:
+        return (f"P = {P} <= {EXACT_MAX_PARAMS}: the dense matrices take {dense} product columns, "
+                f"the iterative plan about {cols}")
+    if P > EXACT_MAX_PARAMS:
+        return f"P = {P} > {EXACT_MAX_PARAMS}: too large for dense matrices"
+    return f"the dense matrices would take {dense} product columns, the iterative plan about {cols}"
+
+
+def _exact_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool,
+                   emit: Callable[[str, Any], None]) -> dict[str, Any]:
+    """Every eigenvalue of H (and of G and H - G) from dense matrices: exact top / bottom
+    pairs (residuals measured with products), exact densities; the bulk density is the
+    spectrum without its top ``count`` eigenvalues.
+    """
+    H = HessianOperator(problem)
+    t0 = time.perf_counter()
+    MH, asym_h, cost_h = dense_matrix(H)
+    spec_h = spectrum_of(MH, asym_h, cost_h, t0)
+    zero_tol = _zero_tol(spec_h.eigenvalues, problem.dtype)
+    top = eigenpairs(H, spec_h, k, "LA")
+    emit("top", top)
+    bottom = eigenpairs(H, spec_h, bottom_k, "SA")
+    emit("bottom", bottom)
+    density = SpectralDensity.from_eigenvalues(spec_h.eigenvalues, spec_h.cost, zero_tol=zero_tol)
+    emit("density", density)
+    values = spec_h.eigenvalues
+
+    def bulk(count: int) -> SpectralDensity | None:
+        if not count:
+            return None
+        order = values.sort(descending=True).values
+        return SpectralDensity.from_eigenvalues(order[count:], spec_h.cost,
+                                                deflated=order[:count], zero_tol=zero_tol)
+
+    out: dict[str, Any] = {"top": top, "bottom": bottom, "density": density,
+                           "bulk_upper_bound": None, "bulk_density": bulk}
+    if papyan:
+        G = GGNOperator(problem)
+        t1 = time.perf_counter()
+        MG, asym_g, cost_g = dense_matrix(G)
+        spec_g = spectrum_of(MG, asym_g, cost_g, t1)
+        out["ggn_top"] = _host(eigenpairs(G, spec_g, k, "LA"))
+        out["ggn_density"] = SpectralDensity.from_eigenvalues(
+            spec_g.eigenvalues, spec_g.cost, zero_tol=_zero_tol(spec_g.eigenvalues, problem.dtype))
+        t2 = time.perf_counter()
+        res = torch.linalg.eigvalsh(MH - MG)
+        cost_r = _sum_costs(cost_h, cost_g, time.perf_counter() - t2)
+        out["residual_density"] = SpectralDensity.from_eigenvalues(
+            res, cost_r, zero_tol=_zero_tol(res, problem.dtype))
+    return out
+
+
+def _iterative_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool, num_probes: int,
+                       num_iters: int, outlier_threshold: float,
+                       gen: Callable[[int], torch.Generator], emit: Callable[[str, Any], None],
+                       notes: list[str]) -> dict[str, Any]:
+    """Top / bottom pairs by eigsh, densities by SLQ; the bulk density after deflating the
+    outliers found among the top pairs.
+    """
+    H = HessianOperator(problem)
+    top = eigsh(H, k, which="LA", generator=gen(1), tol=1e-6)
+    emit("top", top)
+    # eigenvalues near zero cannot meet a relative tolerance: accept 1e-3 ||H|| absolute, and
+    # a bounded effort (the mask in the result says which pairs converged)
+    atol = 1e-3 * float(top.eigenvalues.abs().max())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        bottom = eigsh(H, bottom_k, which="SA", generator=gen(2), tol=1e-6, atol=atol,
+                       max_iters=40)
+    notes += [str(w.message) for w in caught]
+    emit("bottom", bottom)
+    density = slq(H, num_probes, num_iters, generator=gen(3))
+    emit("density", density)
+    split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold)
+    bulk_density = None
+    if split0.count:
+        deflate = _first(top, split0.count)
+        bulk_density = slq(H, num_probes, num_iters, deflate=deflate, generator=gen(4))
+    out: dict[str, Any] = {
+        "top": top, "bottom": bottom, "density": density,
+        "bulk_upper_bound": bulk_density.bounds[1] if bulk_density else None,
+        "bulk_density": lambda count: bulk_density}
+    if papyan:
+        G = GGNOperator(problem)
+        out["ggn_top"] = _host(eigsh(G, k, which="LA", generator=gen(5), tol=1e-6))
+        out["ggn_density"] = slq(G, num_probes, num_iters, generator=gen(6))
+        out["residual_density"] = slq(ResidualOperator(problem), num_probes, num_iters,
+                                      generator=gen(7))
+    return out
+
+
+def _zero_tol(eigenvalues: Tensor, dtype: torch.dtype) -> float:
+    """Eigenvalues within ``1e3 eps ||A||`` of zero (``eps`` of the products' dtype) are
+    rounding noise of either sign, as in :func:`~curvscope.estimators.slq.slq`.
+    """
+    return 1e3 * torch.finfo(dtype).eps * float(eigenvalues.abs().max())
+
+
+def _sum_costs(a: Cost, b: Cost, extra_seconds: float) -> Cost:
+    return Cost(a.num_matvecs + b.num_matvecs, a.num_products + b.num_products,
+                a.num_data_passes + b.num_data_passes,
+                a.wall_time + b.wall_time + extra_seconds, {**a.engines, **b.engines})
 
 
 def _within_class(problem: Problem, cls: ClassStructure, ggn_density: SpectralDensity | None,

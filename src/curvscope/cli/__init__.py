@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--budget", choices=["small", "default", "large"], default="default",
                        help="SLQ probes x Lanczos steps: small 4x40, default 10x80, large 20x150")
         p.add_argument("-k", type=int, default=None, help="top eigenpairs (default 2C + 10)")
+        p.add_argument("--method", choices=["auto", "exact", "iterative"], default="auto",
+                       help="exact: dense H and G from products and eigh (every eigenvalue); "
+                       "iterative: Lanczos, eigsh and SLQ; auto (default): exact when it takes "
+                       "fewer products (small models)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is fastest for "
@@ -170,8 +174,9 @@ def _analyse(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, out:
     stages = _Stages(out, show=not args.no_progress)
     args.stages = stages  # main() names partial.json in a failure message only once it exists
     try:
+        exact = {"auto": None, "exact": True, "iterative": False}[args.method]
         analysis = analyze(problem, k=args.k, budget=args.budget, seed=args.seed,
-                           on_stage=stages)
+                           on_stage=stages, exact=exact)
         extras: dict[str, Any] = {}
         k_sweep = min(analysis.info["k"], 20)
         if checkpoints:

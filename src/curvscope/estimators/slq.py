@@ -69,9 +69,34 @@ class SpectralDensity:
     reorth: str
     cost: Cost
     zero_tol: float = 0.0
+    exact: bool = False
+
+    @classmethod
+    def from_eigenvalues(cls, eigenvalues: Tensor, cost: Cost, *, deflated: Tensor | None = None,
+                         zero_tol: float = 0.0) -> SpectralDensity:
+        """The exact spectral measure ``(1/n) sum_i delta_{lambda_i}`` of known eigenvalues
+        (e.g. from :func:`~curvscope.solvers.dense.dense_spectrum`): one "probe" whose nodes
+        are every eigenvalue with weight ``1/n``; standard errors are zero and the resolution
+        is ``zero_tol`` (the products' rounding), not a quadrature's width.
+        """
+        lam = eigenvalues.detach().to("cpu", torch.float64).sort().values
+        n = lam.numel()
+        if n == 0:
+            raise ValueError("an exact spectral density needs at least one eigenvalue.")
+        gone = torch.empty(0, dtype=torch.float64) if deflated is None else \
+            deflated.detach().to("cpu", torch.float64)
+        return cls(lam[None], torch.full((1, n), 1.0 / n, dtype=torch.float64), n,
+                   (float(lam[0]), float(lam[-1])), gone, "exact (dense eigh)", cost,
+                   zero_tol=zero_tol, exact=True)
 
     def _negative(self) -> Tensor:
         return self.nodes < -self.zero_tol
+
+    def _se(self, per_probe: Tensor) -> Tensor:
+        """Standard error over probes (zero for an exact density)."""
+        if self.exact:
+            return torch.zeros_like(per_probe[0])
+        return _std_error(per_probe)
 
     @property
     def num_probes(self) -> int:
@@ -156,19 +181,19 @@ class SpectralDensity:
         z = (grid.view(1, 1, -1) - x.unsqueeze(-1)) / sigma
         per_probe = (w.unsqueeze(-1) * torch.exp(-0.5 * z**2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
         mean = per_probe.mean(0)
-        std_error = _std_error(per_probe)
+        std_error = self._se(per_probe)
         return grid, mean, std_error
 
     # ------------------------------------------------------------ functionals
     def trace_function(self, f: Callable[[Tensor], Tensor]) -> tuple[float, float]:
         """``tr f(A) ~ n * mean_l sum_k tau_k f(theta_k)`` and its standard error over probes."""
         per_probe = self.dimension * (self.weights * f(self.nodes)).sum(1)
-        return float(per_probe.mean()), float(_std_error(per_probe))
+        return float(per_probe.mean()), float(self._se(per_probe))
 
     def moment(self, j: int) -> tuple[float, float]:
         """``tr(A^j) / n`` and its standard error (exact per probe for ``j < 2m``)."""
         per_probe = (self.weights * self.nodes**j).sum(1)
-        return float(per_probe.mean()), float(_std_error(per_probe))
+        return float(per_probe.mean()), float(self._se(per_probe))
 
     def negative_fraction(self, threshold: float | None = None) -> tuple[float, float]:
         """Fraction of eigenvalues below ``-threshold`` (default ``zero_tol``), with its
@@ -180,16 +205,20 @@ class SpectralDensity:
         """
         t = self.zero_tol if threshold is None else float(threshold)
         per_probe = (self.weights * (self.nodes < -t)).sum(1)
-        return float(per_probe.mean()), float(_std_error(per_probe))
+        return float(per_probe.mean()), float(self._se(per_probe))
 
     def near_zero_fraction(self, threshold: float | None = None) -> tuple[float, float]:
         """Fraction of eigenvalues within ``+-threshold`` of zero (default: :meth:`resolution`)."""
         t = self.resolution() if threshold is None else float(threshold)
         per_probe = (self.weights * (self.nodes.abs() <= t)).sum(1)
-        return float(per_probe.mean()), float(_std_error(per_probe))
+        return float(per_probe.mean()), float(self._se(per_probe))
 
     def resolution(self) -> float:
-        """The scale below which the quadrature cannot resolve eigenvalues: the default width."""
+        """The scale below which the quadrature cannot resolve eigenvalues: the default width
+        (an exact density: ``zero_tol``, the products' rounding).
+        """
+        if self.exact:
+            return self.zero_tol
         return self.default_sigma("linear")
 
     def negative_mass(self) -> tuple[float, float]:
@@ -197,7 +226,7 @@ class SpectralDensity:
         neg = (self.weights * self.nodes.abs() * self._negative()).sum(1)
         tot = (self.weights * self.nodes.abs()).sum(1).clamp_min(1e-300)
         per_probe = neg / tot
-        return float(per_probe.mean()), float(_std_error(per_probe))
+        return float(per_probe.mean()), float(self._se(per_probe))
 
     def cdf(self, t: Tensor) -> Tensor:
         """The quadrature's spectral distribution function ``F(t) = mean_l sum_{theta<=t} tau``."""
@@ -212,7 +241,7 @@ class SpectralDensity:
             "dimension": self.dimension, "bounds": list(self.bounds),
             "deflated": self.deflated.tolist(), "reorth": self.reorth,
             "num_probes": self.num_probes, "num_iters": self.num_iters,
-            "zero_tol": self.zero_tol, **self.cost.to_dict(),
+            "zero_tol": self.zero_tol, "exact": self.exact, **self.cost.to_dict(),
         }
 
 

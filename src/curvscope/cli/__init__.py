@@ -313,7 +313,9 @@ def _key_numbers(bundle: Any) -> dict[str, Any]:
         "classes": a.info.get("num_classes"), "outliers": a.outliers.count,
         "top eigenvalue": float(a.top.eigenvalues[0]), "bulk edge": a.outliers.bulk_edge,
         "trace": f"{tr:.4g} +- {se:.2g}",
-        "negative fraction": round(a.density.negative_fraction()[0], 4),
+        "clearly negative": round(a.negative_part()["clearly_negative"][0], 4),
+        "near zero": round(a.negative_part()["near_zero"][0], 4),
+        "method": a.info.get("method", "iterative"),
         "overlap H/G": a.overlap_hessian_ggn,
         "products": a.top.cost.num_matvecs + a.density.cost.num_matvecs,
     }

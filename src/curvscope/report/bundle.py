@@ -325,12 +325,25 @@ def _total_cost(a: SpectrumAnalysis) -> dict[str, Any]:
     return {"total": total, "parts": {k: c.to_dict() for k, c in parts.items()}}
 
 
+def _trace_numbers(a: SpectrumAnalysis) -> dict[str, Any]:
+    """The trace with its standard error and the 95 % interval every view shows; ``resolved``
+    is false when the interval is wider than the value (the sign is not even known).
+    """
+    value, se = a.trace()
+    _, half = a.trace_interval(0.95)
+    return {"value": value, "std_error": se, "interval_95": half,
+            "exact": bool(a.density.exact), "resolved": bool(half < abs(value))}
+
+
 def _key_numbers(a: SpectrumAnalysis) -> dict[str, Any]:
     """The numbers the report shows, each with its error bar or residual (no arrays)."""
     kn: dict[str, Any] = {
-        "trace": _pair(a.trace),
-        "negative_fraction": _pair(a.density.negative_fraction),
-        "negative_mass": _pair(a.density.negative_mass),
+        "trace": _trace_numbers(a),
+        "negative_fraction": _pair(lambda: a.negative_part()["clearly_negative"]),
+        "near_zero_fraction": _pair(lambda: a.negative_part()["near_zero"]),
+        "resolution": a.density.resolution(),
+        "negative_mass": _pair(lambda: a.negative_part()["mass"]),
+        "method": a.info.get("method", "iterative"),
         "spectrum_bounds": list(a.density.bounds),
         "largest_eigenvalue": {"value": float(a.top.eigenvalues[0]),
                                "residual_norm": float(a.top.residual_norms[0])}

@@ -123,6 +123,10 @@ def _pm(d: Any) -> tuple[str, str]:
     """``(value, error)`` cells of ``{"value", "std_error"}`` / ``{"value", "residual_norm"}``."""
     if not isinstance(d, Mapping):
         return _num(d), ""
+    if d.get("exact"):
+        return _num(d.get("value")), "exact"
+    if "interval_95" in d:
+        return _num(d.get("value")), f"± {_num(d['interval_95'], 2)} (95%)"
     err = d.get("std_error", d.get("residual_norm"))
     label = "± " if "std_error" in d else "residual "
     return _num(d.get("value")), ("" if err is None else label + _num(err, 2))
@@ -163,12 +167,17 @@ def _headline(doc: Mapping[str, Any]) -> str:
     if ov is not None:
         parts.append(("outliers carried by G" if ov >= 0.5 else "outliers not carried by G alone")
                      + f" (overlap {ov:.2f})")
-    nf = kn.get("negative_fraction")
+    nf, nz = kn.get("negative_fraction"), kn.get("near_zero_fraction")
     if isinstance(nf, Mapping) and nf.get("value") is not None:
-        parts.append(f"{nf['value']:.0%} negative eigenvalues")
+        text = f"{nf['value']:.0%} of eigenvalues clearly negative"
+        if isinstance(nz, Mapping) and nz.get("value") is not None:
+            text += f", {nz['value']:.0%} within ±{_num(kn.get('resolution'), 2)} of zero"
+        parts.append(text)
     tr = kn.get("trace")
     if isinstance(tr, Mapping) and tr.get("value") is not None:
-        parts.append(f"trace {_num(tr['value'])} ± {_num(tr.get('std_error'), 2)}")
+        value, err = _pm(tr)
+        unresolved = "" if tr.get("resolved", True) else " (unresolved: more probes needed)"
+        parts.append(f"trace {value} {err}{unresolved}")
     co = kn.get("class_overlaps") or {}
     if "G1" in co:
         parts.append(f"class means (G1) overlap {co['G1']:.2f} with the outlier space")
@@ -183,7 +192,10 @@ def _key_table(doc: Mapping[str, Any]) -> str:
         v, err = _pm(d)
         rows.append([_e(name), v, err, note])
 
-    add("trace tr H (SLQ)", kn.get("trace"), "error: standard error over probes")
+    exact = kn.get("method") == "exact"
+    add("trace tr H" + (" (exact)" if exact else " (SLQ)"), kn.get("trace"),
+        "every eigenvalue from the dense Hessian" if exact else
+        "error: 95% interval (Student t over the probes)")
     lam = kn.get("largest_eigenvalue")
     if lam:
         add("largest eigenvalue λ_max", lam, "error: ||Hv - λv||")
@@ -192,9 +204,15 @@ def _key_table(doc: Mapping[str, Any]) -> str:
         add("smallest eigenvalue λ_min", lam, "error: ||Hv - λv||")
     b = kn.get("spectrum_bounds")
     if b:
-        rows.append(["spectrum bounds (SLQ)", f"[{_num(b[0])}, {_num(b[1])}]", "",
+        rows.append(["spectrum bounds" + (" (exact)" if exact else " (SLQ)"),
+                     f"[{_num(b[0])}, {_num(b[1])}]", "",
+                     "smallest and largest eigenvalue" if exact else
                      "from Ritz values and residuals"])
-    add("fraction of negative eigenvalues", kn.get("negative_fraction"))
+    res = _num(kn.get("resolution"), 2)
+    add(f"fraction of eigenvalues clearly negative (below -{res})", kn.get("negative_fraction"),
+        "the density's resolution: " + ("the products' rounding" if exact else "its width"))
+    if kn.get("near_zero_fraction") is not None:
+        add(f"fraction within ±{res} of zero (sign not resolved)", kn.get("near_zero_fraction"))
     add("share of spectral mass that is negative", kn.get("negative_mass"))
     out = kn.get("outliers") or {}
     if out:

@@ -113,6 +113,7 @@ def plot_density(analysis: SpectrumAnalysis, *, num: int = 1024) -> Figure:
         parts.append(("H - G (residual)", analysis.residual_density, COLORS["residual"]))
     n_out = analysis.outliers.count
     outliers = _np(analysis.top.eigenvalues[:n_out])
+    d0 = analysis.density
 
     # linear axis
     lo = min(p[1].bounds[0] for p in parts)
@@ -131,10 +132,15 @@ def plot_density(analysis: SpectrumAnalysis, *, num: int = 1024) -> Figure:
     ax_lin.set_ylim(floor, peak * 3 if peak > 0 else 1.0)
     ax_lin.set_xlim(float(grid[0]), float(grid[-1]))
     ax_lin.axvline(0.0, color="k", lw=0.6, alpha=0.4)
-    _outlier_rug(ax_lin, outliers, log=False, label=f"H outliers ({n_out}, Lanczos)")
-    ax_lin.fill_between([], [], [], color="grey", alpha=0.3, label="+-1 std. error (SLQ probes)")
-    d0 = analysis.density
-    ax_lin.set_title(f"Spectral density (SLQ, {d0.num_probes} probes x {d0.num_iters} nodes)")
+    _outlier_rug(ax_lin, outliers, log=False,
+                 label=f"H outliers ({n_out}, {'eigh' if d0.exact else 'Lanczos'})")
+    if d0.exact:
+        ax_lin.set_title(f"Spectral density (exact: all {d0.dimension:,} eigenvalues, "
+                         "Gaussian-broadened)")
+    else:
+        ax_lin.fill_between([], [], [], color="grey", alpha=0.3,
+                            label="+-1 std. error (SLQ probes)")
+        ax_lin.set_title(f"Spectral density (SLQ, {d0.num_probes} probes x {d0.num_iters} nodes)")
     ax_lin.set_xlabel("eigenvalue λ (loss / parameter²)")
     ax_lin.set_ylabel("density φ(λ) (per unit λ, log scale)")
     ax_lin.legend(loc="upper right", fontsize=8, framealpha=0.9)

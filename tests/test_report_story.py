@@ -1,0 +1,47 @@
+"""One story: the headline, the summary, the key-number table and result.json give the negative
+part and the trace as the same figures with the same kind of error bar (95 % interval), on an
+exact and on an iterative analysis."""
+
+import json
+import re
+
+import pytest
+
+import curvscope as cs
+from curvscope.analysis.spectrum import analyze
+from curvscope.report import save_bundle
+from curvscope.report.html import _headline, _key_table, _num
+from curvscope.testing import tiny_cnn, tiny_mlp
+
+
+@pytest.mark.parametrize("make,exact", [(tiny_mlp, None), (tiny_cnn, False), (tiny_cnn, True)])
+def test_headline_summary_table_and_json_tell_one_story(make, exact, tmp_path):
+    tp = make()
+    a = analyze(cs.Problem(tp.model, tp.loss_fn, tp.batches), budget="small", exact=exact)
+    save_bundle(a, tmp_path)
+    doc = json.loads((tmp_path / "result.json").read_text())
+    kn = doc["key_numbers"]
+    part = a.negative_part()
+    neg, near = part["clearly_negative"][0], part["near_zero"][0]
+    # JSON: the resolvable split, never the raw fraction below zero
+    assert kn["negative_fraction"]["value"] == pytest.approx(neg)
+    assert kn["near_zero_fraction"]["value"] == pytest.approx(near)
+    assert kn["resolution"] == pytest.approx(part["resolution"])
+    tr, half = a.trace_interval()
+    assert kn["trace"]["value"] == pytest.approx(tr) and kn["trace"]["interval_95"] == \
+        pytest.approx(half)
+    summary, headline, table = " ".join(doc["summary"]), _headline(doc), _key_table(doc)
+    assert f"{neg:.0%} of eigenvalues clearly negative" in summary
+    assert f"{neg:.0%} of eigenvalues clearly negative" in headline
+    assert f"{near:.0%} within" in summary and f"{near:.0%} within" in headline
+    if a.density.exact:
+        assert "exact" in headline and "exact" in summary and "(exact)" in table
+    else:
+        # the same 95% interval in the summary (2 significant digits) and the headline / table
+        assert f"+- {half:.2g} (95% interval" in summary
+        assert f"± {_num(half, 2)} (95%)" in headline and f"± {_num(half, 2)} (95%)" in table
+        assert ("unresolved" in summary) == (half >= abs(tr))
+        assert ("unresolved" in headline) == (half >= abs(tr))
+    # no other percentage of negative eigenvalues anywhere in the headline
+    shown = re.findall(r"(\d+)% of eigenvalues clearly negative", headline)
+    assert shown == [f"{neg:.0%}"[:-1]]

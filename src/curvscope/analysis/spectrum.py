@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from curvscope.estimators.slq import SpectralDensity, slq
 from curvscope.estimators.stats import student_t_quantile
 from curvscope.solvers._results import ConvergenceWarning, EigenResult
 from curvscope.solvers.dense import dense_matrix, eigenpairs, spectrum_of
-from curvscope.solvers.eigsh import eigsh
+from curvscope.solvers.eigsh import eigsh, product_noise
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,9 @@ class SpectrumAnalysis:
                        f"[{self.residual_density.bounds[0]:.3g}, "
                        f"{self.residual_density.bounds[1]:.3g}], G's is "
                        f"[{self.ggn_density.bounds[0]:.3g}, {self.ggn_density.bounds[1]:.3g}].")
-        res = self.density.resolution()
-        neg, _ = self.density.negative_fraction(threshold=res)
-        near, _ = self.density.near_zero_fraction(res)
-        mass, _ = self.density.negative_mass()
+        part = self.negative_part()
+        res, (neg, _), (near, _) = part["resolution"], part["clearly_negative"], part["near_zero"]
+        mass = part["mass"][0]
         out.append(f"{neg:.0%} of eigenvalues clearly negative (below -{res:.2g}, the density's "
                    f"resolution), {near:.0%} within +-{res:.2g} of zero; negative eigenvalues "
                    f"carry {mass:.0%} of the spectral mass (smallest eigenvalue "
@@ -113,6 +113,10 @@ class SpectrumAnalysis:
         tr, half = self.trace_interval()
         how = ("exact: every eigenvalue from the dense Hessian" if self.density.exact else
                f"+- {half:.2g} (95% interval over {self.density.num_probes} probes)")
+        if not self.density.exact and half >= abs(tr):
+            how += (": unresolved, the interval is wider than the value (about "
+                    f"{_probes_to_resolve(self.density.num_probes, tr, half)} probes would "
+                    "resolve it)")
         out.append(f"Trace {tr:.4g} {how}; spectrum within "
                    f"[{self.density.bounds[0]:.3g}, {self.density.bounds[1]:.3g}].")
         if self.classes is not None and n_out:
@@ -128,6 +132,19 @@ class SpectrumAnalysis:
                              "their eigenspace")
             out.append(f"Class structure of G ({self.classes.mode}): " + "; ".join(parts) + ".")
         return out
+
+    def negative_part(self) -> dict[str, Any]:
+        """The negative part of the spectrum as every view reports it: the fraction of
+        eigenvalues clearly negative (below ``-resolution``), the fraction within
+        ``+-resolution`` of zero (the density cannot tell their sign), and the negative share of
+        the spectral mass, each ``(value, standard error)``; ``resolution`` is the density's
+        (SLQ: its Gaussian width; exact: the products' rounding).
+        """
+        res = self.density.resolution()
+        return {"resolution": res,
+                "clearly_negative": self.density.negative_fraction(threshold=res),
+                "near_zero": self.density.near_zero_fraction(res),
+                "mass": self.density.negative_mass()}
 
     def trace_interval(self, level: float = 0.95) -> tuple[float, float]:
         """``tr H`` and the half-width of its ``level`` interval (Student t over the probes)."""
@@ -236,6 +253,7 @@ def analyze(
         "reduction": problem.reduction, "seed": seed, "budget": budget, "k": k,
         "num_probes": num_probes, "num_iters": num_iters, "notes": notes,
         "method": "exact" if use_exact else "iterative",
+        "product_noise": spectra.get("product_noise"), "tol": spectra.get("tol"),
         "method_reason": _method_reason(use_exact, exact, P, cols, papyan),
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
@@ -331,14 +349,17 @@ def _iterative_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool, nu
     outliers found among the top pairs.
     """
     H = HessianOperator(problem)
-    top = eigsh(H, k, which="LA", generator=gen(1), tol=1e-6)
+    noise = product_noise(H, gen(9))
+    tol = top_tolerance(noise)
+    notes_tol = {"product_noise": noise, "tol": tol}
+    top = eigsh(H, k, which="LA", generator=gen(1), tol=tol)
     emit("top", top)
     # eigenvalues near zero cannot meet a relative tolerance: accept 1e-3 ||H|| absolute, and
     # a bounded effort (the mask in the result says which pairs converged)
     atol = 1e-3 * float(top.eigenvalues.abs().max())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        bottom = eigsh(H, bottom_k, which="SA", generator=gen(2), tol=1e-6, atol=atol,
+        bottom = eigsh(H, bottom_k, which="SA", generator=gen(2), tol=tol, atol=atol,
                        max_iters=40)
     notes += [str(w.message) for w in caught]
     emit("bottom", bottom)
@@ -350,16 +371,29 @@ def _iterative_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool, nu
         deflate = _first(top, split0.count)
         bulk_density = slq(H, num_probes, num_iters, deflate=deflate, generator=gen(4))
     out: dict[str, Any] = {
-        "top": top, "bottom": bottom, "density": density,
+        "top": top, "bottom": bottom, "density": density, **notes_tol,
         "bulk_upper_bound": bulk_density.bounds[1] if bulk_density else None,
         "bulk_density": lambda count: bulk_density}
     if papyan:
         G = GGNOperator(problem)
-        out["ggn_top"] = _host(eigsh(G, k, which="LA", generator=gen(5), tol=1e-6))
+        out["ggn_top"] = _host(eigsh(G, k, which="LA", generator=gen(5), tol=tol))
         out["ggn_density"] = slq(G, num_probes, num_iters, generator=gen(6))
         out["residual_density"] = slq(ResidualOperator(problem), num_probes, num_iters,
                                       generator=gen(7))
     return out
+
+
+#: The relative residual asked of the top eigenpairs where the products allow it (float64).
+TOP_TOL = 1e-6
+#: How far above the products' measured rounding the tolerance stays (float32: 30 x ~5e-7).
+NOISE_MARGIN = 30.0
+
+
+def top_tolerance(noise: float) -> float:
+    """``max(TOP_TOL, NOISE_MARGIN x noise)``: 1e-6 in float64, about 1e-5 to 3e-5 in float32,
+    where 1e-6 is below the products' own rounding and eigsh would stall.
+    """
+    return max(TOP_TOL, NOISE_MARGIN * noise)
 
 
 def _zero_tol(eigenvalues: Tensor, dtype: torch.dtype) -> float:
@@ -373,6 +407,15 @@ def _sum_costs(a: Cost, b: Cost, extra_seconds: float) -> Cost:
     return Cost(a.num_matvecs + b.num_matvecs, a.num_products + b.num_products,
                 a.num_data_passes + b.num_data_passes,
                 a.wall_time + b.wall_time + extra_seconds, {**a.engines, **b.engines})
+
+
+def _probes_to_resolve(probes: int, value: float, half: float) -> int:
+    """Probes for a 95 % half-width of a third of ``|value|``: the width shrinks as
+    ``1 / sqrt(probes)``.
+    """
+    if value == 0:
+        return probes * 100
+    return int(math.ceil(probes * (3 * half / abs(value)) ** 2))
 
 
 def _within_class(problem: Problem, cls: ClassStructure, ggn_density: SpectralDensity | None,

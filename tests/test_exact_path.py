@@ -93,8 +93,23 @@ def test_the_exact_path_is_chosen_when_it_takes_fewer_products():
     assert not exact_is_cheaper(2000, small, papyan=True)  # 4000 columns > the small plan
     assert exact_is_cheaper(1500, planned_columns(10, 80, 30, 5, papyan=True), papyan=True)
     a = analyze(_problem(tiny_mlp), budget="small")  # 51 parameters: exact by default
-    assert a.info["method"] == "exact" and "product columns" in a.info["method_reason"]
+    plan = a.info["method_plan"]
+    assert a.info["method"] == "exact" and "timed products" in a.info["method_reason"]
+    assert 0 < plan["exact_s"] <= plan["iterative_s"]
+    assert set(plan["seconds_per_column"]) == {"1", "4", "64"}
+    assert all(v > 0 for v in plan["seconds_per_column"].values())
     assert any("exact" in s for s in a.summary())
+    # the estimate follows the timings: dense columns 1000x dearer make the iterative path win
+    from curvscope.analysis.spectrum import planned_split, timed_plan
+
+    class Timed:
+        def measured_seconds_per_column(self, k):
+            return {1: 1e-3, 4: 4e-4, 64: 1.0}[k]
+
+    split = planned_split(4, 40, 16, 5, papyan=True)
+    slow = timed_plan(Timed(), 183, split, 4, papyan=True)
+    assert slow["exact_s"] > slow["iterative_s"]
+    assert slow["iterative_s"] == pytest.approx(split[0] * 4e-4 + split[1] * 1e-3)
 
 
 def test_an_exact_density_round_trips_through_a_bundle(both, tmp_path):

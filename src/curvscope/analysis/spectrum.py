@@ -43,7 +43,7 @@ from curvscope.curvature._problem import Problem
 from curvscope.estimators.slq import SpectralDensity, slq
 from curvscope.estimators.stats import student_t_quantile
 from curvscope.solvers._results import ConvergenceWarning, EigenResult
-from curvscope.solvers.dense import dense_matrix, eigenpairs, spectrum_of
+from curvscope.solvers.dense import DENSE_BLOCK, dense_matrix, eigenpairs, spectrum_of
 from curvscope.solvers.eigsh import eigsh, product_noise
 
 logger = logging.getLogger(__name__)
@@ -211,8 +211,17 @@ def analyze(
         if on_stage is not None:
             on_stage(name, done)
 
-    cols = planned_columns(num_probes, num_iters, k, min(bottom_k, P), papyan)
-    use_exact = exact_is_cheaper(P, cols, papyan) if exact is None else bool(exact)
+    split_cols = planned_split(num_probes, num_iters, k, min(bottom_k, P), papyan)
+    cols = sum(split_cols)
+    plan = None
+    if exact is None and P <= EXACT_MAX_PARAMS:
+        plan = timed_plan(HessianOperator(problem), P, split_cols, num_probes, papyan)
+    if exact is not None:
+        use_exact = bool(exact)
+    elif plan is not None:
+        use_exact = plan["exact_s"] <= plan["iterative_s"]
+    else:
+        use_exact = exact_is_cheaper(P, cols, papyan)
     if use_exact:
         spectra = _exact_spectra(problem, k, min(bottom_k, P), papyan, emit)
     else:
@@ -254,7 +263,8 @@ def analyze(
         "num_probes": num_probes, "num_iters": num_iters, "notes": notes,
         "method": "exact" if use_exact else "iterative",
         "product_noise": spectra.get("product_noise"), "tol": spectra.get("tol"),
-        "method_reason": _method_reason(use_exact, exact, P, cols, papyan),
+        "method_reason": _method_reason(use_exact, exact, P, cols, papyan, plan),
+        "method_plan": plan,
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
                             None if ggn_top is None else _host(ggn_top), ggn_density,
@@ -267,15 +277,21 @@ def analyze(
 EXACT_MAX_PARAMS = 3000
 
 
-def planned_columns(num_probes: int, num_iters: int, k: int, bottom_k: int,
-                    papyan: bool) -> int:
-    """Product columns the iterative analysis is expected to take: ``p x m`` per SLQ density
-    (H, the deflated bulk, and with ``papyan`` G and H - G) plus about ``4 k + 20`` per eigsh
-    (top of H, bottom of H, top of G); an estimate to compare with the dense path's ``P``.
+def planned_split(num_probes: int, num_iters: int, k: int, bottom_k: int,
+                  papyan: bool) -> tuple[int, int]:
+    """Product columns the iterative analysis is expected to take, ``(densities, solves)``:
+    ``p x m`` per SLQ density (H, the deflated bulk, and with ``papyan`` G and H - G), and about
+    ``4 k + 20`` per eigsh (top of H, top of G) plus ``4 bottom_k + 20`` for the bottom of H.
     """
     densities = 4 if papyan else 2
     solves = (4 * k + 20) * (2 if papyan else 1) + 4 * bottom_k + 20
-    return densities * num_probes * num_iters + solves
+    return densities * num_probes * num_iters, solves
+
+
+def planned_columns(num_probes: int, num_iters: int, k: int, bottom_k: int,
+                    papyan: bool) -> int:
+    """The total of :func:`planned_split`: to compare with the dense path's ``P`` columns."""
+    return sum(planned_split(num_probes, num_iters, k, bottom_k, papyan))
 
 
 def exact_is_cheaper(P: int, iterative_columns: int, papyan: bool) -> bool:
@@ -285,16 +301,43 @@ def exact_is_cheaper(P: int, iterative_columns: int, papyan: bool) -> bool:
     return P <= EXACT_MAX_PARAMS and P * (2 if papyan else 1) <= iterative_columns
 
 
-def _method_reason(use_exact: bool, asked: bool | None, P: int, cols: int, papyan: bool) -> str:
+#: Seconds per ``n^3`` of a float64 ``eigh`` on one CPU core (4270: 21 s, measured).
+EIGH_SECONDS_PER_CUBE = 21.0 / 4270**3
+
+
+def timed_plan(H: HessianOperator, P: int, split: tuple[int, int], num_probes: int,
+               papyan: bool) -> dict[str, Any] | None:
+    """The estimated seconds of both paths from the operator's timed trial products
+    (:meth:`~curvscope.HessianOperator.measured_seconds_per_column`, first batch): the dense
+    path forms ``P`` columns of H (and of G with ``papyan``) in blocks of ``DENSE_BLOCK`` and
+    runs ``eigh``; the iterative path spends ``split = (densities, solves)`` columns
+    (:func:`planned_split`), its densities in products of ``num_probes`` columns, its solves one
+    column at a time.
+    ``None`` when the operator cannot time its products (a forced engine).
+    """
+    block, probes, one = (H.measured_seconds_per_column(c) for c in (DENSE_BLOCK, num_probes, 1))
+    if block is None or probes is None or one is None:
+        return None
+    matrices = 2 if papyan else 1
+    slq_cols, solve_cols = split
+    return {"exact_s": matrices * (P * block + EIGH_SECONDS_PER_CUBE * P**3),
+            "iterative_s": slq_cols * probes + solve_cols * one,
+            "seconds_per_column": {"1": one, str(num_probes): probes, str(DENSE_BLOCK): block}}
+
+
+def _method_reason(use_exact: bool, asked: bool | None, P: int, cols: int, papyan: bool,
+                   plan: dict[str, Any] | None) -> str:
     if asked is not None:
         return f"exact={asked} was asked for"
-    dense = P * (2 if papyan else 1)
-    if use_exact:
-        return (f"P = {P} <= {EXACT_MAX_PARAMS}: the dense matrices take {dense} product columns, "
-                f"the iterative plan about {cols}")
     if P > EXACT_MAX_PARAMS:
         return f"P = {P} > {EXACT_MAX_PARAMS}: too large for dense matrices"
-    return f"the dense matrices would take {dense} product columns, the iterative plan about {cols}"
+    dense = P * (2 if papyan else 1)
+    if plan is None:
+        return (f"products not timed (a forced engine): the dense matrices take {dense} product "
+                f"columns, the iterative plan about {cols}")
+    return (f"estimated from timed products: dense matrices ({dense} columns + eigh) "
+            f"{plan['exact_s']:.2g} s, the iterative plan (about {cols} columns) "
+            f"{plan['iterative_s']:.2g} s")
 
 
 def _exact_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool,

@@ -246,10 +246,13 @@ def test_torch_compiled_model_is_analysed_through_its_original_module():
                                               torch.randint(0, 3, (8,)))]
     compiled = torch.compile(model)
     a = cs.Problem(compiled, nn.CrossEntropyLoss(), data)
-    b = cs.Problem(model, nn.CrossEntropyLoss(), data)
-    V = _vectors(b.num_params, 2)
+    V = _vectors(a.num_params, 2)
+    HV = cs.HessianOperator(a) @ V
+    # the same kernels as a's (two fresh engine="auto" trials may pick kernels that differ in
+    # the last bits where they cost the same): then the products are bitwise the same
+    b = cs.Problem(model, nn.CrossEntropyLoss(), data, engine_choices=a.engine_choices)
     assert a.num_params == b.num_params
-    assert torch.equal(cs.HessianOperator(a) @ V, cs.HessianOperator(b) @ V)
+    assert torch.equal(HV, cs.HessianOperator(b) @ V)
 
 
 class OldStyleSquare(torch.autograd.Function):

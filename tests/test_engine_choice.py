@@ -185,3 +185,21 @@ def test_eigsh_with_the_measured_block_equals_dense(block, monkeypatch):
     top = dense.flip(0)[:6]
     assert torch.allclose(res.eigenvalues.sort(descending=True).values, top,
                           rtol=1e-8, atol=1e-10 * float(top.abs().max()))
+
+
+def test_problem_engine_choices_replay_a_run_without_trials(monkeypatch):
+    """Problem(engine_choices=result.cost.engines) takes those kernels: no trial, same bits."""
+    first = _problem("mlp")
+    H = cs.HessianOperator(first)
+    X = torch.randn(first.num_params, 5, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    before = H @ X
+    key = H._choice_key(5)
+    tp = tiny_mlp()
+    replay = cs.Problem(tp.model, tp.loss_fn, tp.batches, engine_choices=first.engine_choices)
+    assert replay.engine_choices == first.engine_choices
+    assert replay.engine_choices is not first.engine_choices  # a copy: the runs stay apart
+    H2 = cs.HessianOperator(replay)
+    monkeypatch.setattr(type(H2), "_engine_trial", lambda *a, **k: pytest.fail("a trial ran"))
+    assert torch.equal(H2 @ X, before)
+    assert replay.engine_choices[key]["engine"] == first.engine_choices[key]["engine"]

@@ -16,6 +16,7 @@ equally (hessian-eigenthings 1.0) is wrong for unequal batches.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -151,6 +152,8 @@ class Problem:
             ``"math"``: the same, silently; ``"native"``: leave the kernels as they are (for
             ``engine="finite_difference"``). The eval-mode fast path of
             ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` is off in every product.
+        engine_choices: kernels for ``engine="auto"`` to use instead of timing trials, e.g. a
+            previous result's ``cost.engines`` (replays that run's products bitwise).
 
     A ``torch.compile``'d model is analysed through its original module (compiled graphs have no
     double backward); the parameters are the same tensors.
@@ -180,6 +183,7 @@ class Problem:
         validate: bool = True,
         shard: str = "round_robin",
         attention: str = "auto",
+        engine_choices: Mapping[str, Any] | None = None,
     ) -> None:
         distributed.ensure_process_group()  # under torchrun without init_process_group: init it
         if not isinstance(model, nn.Module):
@@ -234,7 +238,7 @@ class Problem:
         #: kernels chosen by ``engine="auto"`` trials, by operator, block, dtype, device and
         #: column bucket (see :mod:`curvscope.curvature._engine_choice`); shared with the
         #: problems derived by ``restrict_examples``, saved in checkpoints, reported in costs
-        self.engine_choices: dict[str, dict[str, Any]] = {}
+        self.engine_choices: dict[str, dict[str, Any]] = copy.deepcopy(dict(engine_choices or {}))
         self._num_data = self._count(num_data)
         if validate:
             self.validate()

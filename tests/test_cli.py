@@ -22,15 +22,15 @@ def demo_bundle(tmp_path_factory):
 
 def test_demo_writes_a_complete_bundle(demo_bundle, capsys):
     names = {p.name for p in demo_bundle.iterdir()}
-    assert {"result.json", "arrays.npz", "report.html", "partial.json"} <= names
+    assert {"result.json", "arrays.npz", "report.html"} <= names
+    # a finished run leaves neither partial results nor resumable stages behind
+    assert "partial.json" not in names and "stages" not in names
     assert any(n.endswith(".png") for n in names)
     doc = json.loads((demo_bundle / "result.json").read_text())
     assert doc["schema_version"] >= 1
     prov = doc["provenance"]
     for key in ("torch", "seed"):
         assert key in json.dumps(prov)
-    partial = json.loads((demo_bundle / "partial.json").read_text())
-    assert {"top", "density", "bundle"} <= set(partial["stages_done"])
     bundle = load_bundle(demo_bundle)
     a = bundle.analysis
     # 4 classes: C or C - 1 outliers (softmax), carried by G
@@ -53,8 +53,30 @@ def test_compare_two_bundles(demo_bundle, tmp_path, capsys):
     assert main(["compare", str(demo_bundle), str(demo_bundle), "--out", str(tmp_path)]) == EXIT_OK
     table = capsys.readouterr().out
     assert "outliers" in table and "trace" in table
-    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    rows = doc["rows"]
     assert rows["outliers"][0] == rows["outliers"][1]
+    assert doc["differences"] == [] and "note:" not in table  # like for like: nothing to say
+    # the same figure as the bundle's own report: the trace with its 95 % interval
+    kn = load_bundle(demo_bundle).key_numbers["trace"]
+    assert rows["trace"][0] == f"{kn['value']:.4g} +- {kn['interval_95']:.2g} (95%)" + (
+        "" if kn["resolved"] else ", unresolved")
+    assert f"{kn['value']:.4g}" in (tmp_path / "compare.html").read_text()
+
+
+def test_compare_says_when_models_data_or_dtypes_differ(demo_bundle, tmp_path, capsys):
+    path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
+    other = tmp_path / "other"
+    assert main(["run", str(path), "--out", str(other), "--dtype", "float32", *FAST]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["compare", str(demo_bundle), str(other), "--out", str(tmp_path)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    differences = json.loads((tmp_path / "compare.json").read_text())["differences"]
+    assert any(d.startswith("Different models") for d in differences), differences
+    assert any(d.startswith("Different data") for d in differences)
+    assert any(d.startswith("Different dtypes: torch.float64 vs torch.float32") for d in differences)
+    assert printed.splitlines()[0].startswith("note: Different models")
+    assert "Different models" in (tmp_path / "compare.html").read_text()
 
 
 RUN_FILE = """
@@ -233,12 +255,11 @@ def test_run_file_is_imported_like_python_file(tmp_path, capsys):
 
 
 def test_failure_before_any_stage_does_not_mention_partial_results(tmp_path, capsys, monkeypatch):
-    import curvscope.analysis.spectrum as spectrum
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before the first stage\nsecond line of detail")
 
-    monkeypatch.setattr(spectrum, "analyze", crash)
+    monkeypatch.setattr("curvscope.study.analyze", crash)
     path = _write(tmp_path, RUN_FILE.format(loss="nn.CrossEntropyLoss()"))
     out = tmp_path / "o"
     out.mkdir()
@@ -260,7 +281,9 @@ def test_failure_after_a_stage_names_the_partial_file(tmp_path, capsys, monkeypa
     out = tmp_path / "o"
     code = main(["run", str(path), "--out", str(out), *FAST, "--method", "iterative"])
     _one_line_error(capsys, code, EXIT_FAILED, "^curvscope run: failed: RuntimeError: simulated crash in "
-                    f"the density; partial results are kept in {re.escape(str(out / 'partial.json'))}$")
+                    f"the density; partial results are kept in {re.escape(str(out / 'partial.json'))}"
+                    f", the finished stages in {re.escape(str(out / 'stages'))}: the same command "
+                    "continues from them$")
     assert {"top", "bottom"} <= set(json.loads((out / "partial.json").read_text())["stages_done"])
 
 
@@ -316,7 +339,8 @@ def test_an_error_from_deep_inside_torch_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, code, EXIT_FAILED,
                     r"^curvscope run: failed: \w+: .*In order to use an autograd.Function "
                     r"with functorch transforms .*; partial results are kept in "
-                    f"{re.escape(str(out / 'partial.json'))}$")
+                    f"{re.escape(str(out / 'partial.json'))}, the finished stages in "
+                    f"{re.escape(str(out / 'stages'))}: the same command continues from them$")
 
 
 def test_interrupt_names_the_partial_file_only_when_written(tmp_path, capsys, monkeypatch):
@@ -327,7 +351,7 @@ def test_interrupt_names_the_partial_file_only_when_written(tmp_path, capsys, mo
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(spectrum, "analyze", interrupt)
+    monkeypatch.setattr("curvscope.study.analyze", interrupt)
     code = main(["run", str(path), "--out", str(tmp_path / "a"), *FAST])
     assert code == EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "curvscope run: interrupted"
@@ -336,7 +360,8 @@ def test_interrupt_names_the_partial_file_only_when_written(tmp_path, capsys, mo
     code = main(["run", str(path), "--out", str(tmp_path / "b"), *FAST, "--method", "iterative"])
     assert code == EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == (
-        f"curvscope run: interrupted; partial results are in {tmp_path / 'b' / 'partial.json'}")
+        f"curvscope run: interrupted; partial results are in {tmp_path / 'b' / 'partial.json'}, "
+        f"the finished stages in {tmp_path / 'b' / 'stages'}: the same command continues from them")
 
 
 @pytest.mark.parametrize("k", ["0", "-3"])

@@ -131,3 +131,14 @@ def test_an_exact_density_counts_every_eigenvalue_once():
     assert d.trace_function(lambda t: t) == (pytest.approx(4.0), 0.0)
     with pytest.raises(ValueError, match="at least one eigenvalue"):
         SpectralDensity.from_eigenvalues(lam[:0], Cost(0, 0, 0, 0.0))
+
+
+def test_the_plan_is_announced_before_any_stage():
+    seen = []
+    a = analyze(_problem(tiny_mlp), budget="small", on_stage=lambda name, done: seen.append(
+        (name, dict(done.get("plan", {})))))
+    assert seen[0][0] == "plan" and [n for n, _ in seen[1:4]] == ["top", "bottom", "density"]
+    plan = seen[0][1]
+    assert plan["method"] == a.info["method"] == "exact"
+    assert plan["product_columns"] == 2 * a.info["num_params"]  # H and G, P columns each
+    assert plan["estimated_seconds"] == pytest.approx(a.info["method_plan"]["exact_s"])

@@ -4,7 +4,8 @@ Build a :class:`Problem` from a model, a loss and data, then a curvature operato
 (:class:`HessianOperator`, :class:`GGNOperator`, :class:`FisherMCOperator`,
 :class:`EmpiricalFisherOperator`, :class:`GradientCovarianceOperator`, :func:`ResidualOperator`):
 symmetric linear operators over the flat parameter vector, ``A @ V`` for ``V`` of shape ``[P, k]``
-in one pass over the data.
+in one pass over the data. The main job in one call: :func:`run_study` (what ``curvscope run``
+does: :func:`analyze`, the further sections, :func:`save_bundle`; resumable).
 """
 
 from curvscope import linops
@@ -57,7 +58,20 @@ from curvscope.solvers.sketch import nystrom_eigh, sketch_eigh
 
 __version__ = "0.1.0"
 
+# the main job (problem -> analysis -> report), as the CLI runs it
+from curvscope.analysis.spectrum import SpectrumAnalysis, analyze  # noqa: E402
+from curvscope.report.bundle import load_bundle, save_bundle  # noqa: E402
+from curvscope.study import Study, StudyMismatchError, run_study  # noqa: E402
+
 __all__ = [
+    # the main job
+    "SpectrumAnalysis",
+    "Study",
+    "StudyMismatchError",
+    "analyze",
+    "load_bundle",
+    "run_study",
+    "save_bundle",
     # problem
     "ParamSpace",
     "Problem",

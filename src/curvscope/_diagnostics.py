@@ -97,6 +97,21 @@ class CostMeter:
         self.num_products += 1
         self.num_matvecs += num_columns
 
+    def counters(self) -> dict[str, Any]:
+        """The counts so far (products, columns, data passes, seconds), for a checkpoint."""
+        return {"num_matvecs": self.num_matvecs, "num_products": self.num_products,
+                "num_data_passes": sum(p.num_data_passes for p in self._problems)  # type: ignore[attr-defined]
+                - self._passes0, "wall_time": time.perf_counter() - self._t0}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the counts of :meth:`counters` saved by an interrupted run, so a resumed
+        result's cost is the whole result's (older checkpoints lack passes and seconds).
+        """
+        self.num_matvecs, self.num_products = state["num_matvecs"], state["num_products"]
+        now = sum(p.num_data_passes for p in self._problems)  # type: ignore[attr-defined]
+        self._passes0 = now - int(state.get("num_data_passes", 0))
+        self._t0 = time.perf_counter() - float(state.get("wall_time", 0.0))
+
     def cost(self) -> Cost:
         """The cost so far (synchronises an accelerator once, for an honest wall time)."""
         if self._device is not None and self._device.type == "cuda":

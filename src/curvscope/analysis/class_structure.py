@@ -291,6 +291,9 @@ def class_structure(
         store.copy_(state["store"])
         proj.copy_(state["proj"])
         last_done = state["last_batch"]
+        # the products of the batches done; the data pass is the one this run makes
+        meter.num_matvecs = int(state.get("num_matvecs", 0))
+        meter.num_products = int(state.get("num_products", 0))
     done_batches = 0
     # batched vjps: the math SDPA path vmaps, fused kernels fall back to a slow loop
     with problem.model_context(), torch.enable_grad(), problem.product_context():
@@ -316,7 +319,9 @@ def class_structure(
                     proj[:, pairs] += U.T.to(torch.float64) @ flat
             done_batches += 1
             if ckpt.due(done_batches):
-                ckpt.save({"store": store.cpu(), "proj": proj.cpu(), "last_batch": batch.index})
+                ckpt.save({"store": store.cpu(), "proj": proj.cpu(), "last_batch": batch.index,
+                           "num_matvecs": meter.num_matvecs,
+                           "num_products": meter.num_products})
     problem.all_reduce(store)
     problem.all_reduce(proj)
     gram = (store.T @ store).cpu()

@@ -23,12 +23,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvscope._diagnostics import Cost
+from curvscope._stages import StageStore, problem_fingerprint
 from curvscope.analysis.class_structure import ClassStructure, class_structure
 from curvscope.analysis.outliers import (
     OutlierSplit,
@@ -85,19 +87,19 @@ class SpectrumAnalysis:
         C = self.info.get("num_classes")
         n_out = self.outliers.count
         cls = f" for {C} classes" if C else ""
+        split = self.outliers
         if n_out:
-            out.append(f"{n_out} outlier{'s' if n_out != 1 else ''}{cls}: the top {n_out} "
-                       f"eigenvalue{'s stand' if n_out != 1 else ' stands'} out of the bulk (gap "
-                       f"ratio {self.outliers.gap_ratio:.2f} >= {self.outliers.threshold} at the "
-                       f"split; bulk edge {self.outliers.bulk_edge:.3g}).")
+            sure = "" if split.confidence == "clear" else f" ({split.confidence})"
+            evidence = split.evidence or f"gap ratio {split.gap_ratio:.2f} at the split"
+            out.append(f"{n_out} outlier{'s' if n_out != 1 else ''}{cls}{sure}: the top {n_out} "
+                       f"eigenvalue{'s stand' if n_out != 1 else ' stands'} out of the bulk "
+                       f"({evidence}; bulk edge {split.bulk_edge:.3g}).")
         else:
-            out.append(f"No outliers{cls}: no gap ratio among the top eigenvalues reaches "
-                       f"{self.outliers.threshold} (largest {self.outliers.gap_ratio:.2f}).")
+            out.append(f"No outliers{cls}: " + (split.evidence or (
+                f"no gap ratio among the top eigenvalues reaches {split.threshold} (largest "
+                f"{split.gap_ratio:.2f})")) + ".")
         if self.overlap_hessian_ggn is not None and n_out:
-            carrier = "G (the Gauss-Newton part)" if self.overlap_hessian_ggn >= 0.5 else \
-                "not G alone"
-            out.append(f"Outliers carried by {carrier}: overlap of the top-{n_out} "
-                       f"eigenspaces of H and G {self.overlap_hessian_ggn:.2f}.")
+            out.append(self._carrier_sentence())
         if self.residual_density is not None and self.ggn_density is not None:
             out.append("Bulk from the residual H - G: its spectrum is "
                        f"[{self.residual_density.bounds[0]:.3g}, "
@@ -133,6 +135,26 @@ class SpectrumAnalysis:
             out.append(f"Class structure of G ({self.classes.mode}): " + "; ".join(parts) + ".")
         return out
 
+    def ggn_above_edge(self) -> int | None:
+        """How many of G's top eigenvalues lie above H's bulk edge (``None``: no G or no edge)."""
+        if self.ggn_top is None or self.outliers.bulk_edge is None:
+            return None
+        return int((self.ggn_top.eigenvalues > self.outliers.bulk_edge).sum())
+
+    def _carrier_sentence(self) -> str:
+        """Whether G carries the outliers: its eigenvalues above H's bulk edge and the overlap of
+        its top space with H's (a term with none above the edge carries nothing).
+        """
+        n_out, ov, above = self.outliers.count, self.overlap_hessian_ggn, self.ggn_above_edge()
+        assert ov is not None
+        if not above:
+            return (f"G (the Gauss-Newton part) has no eigenvalue above the bulk edge: it does "
+                    f"not carry the outliers (overlap of the top-{n_out} eigenspaces of H and G "
+                    f"{ov:.2f}).")
+        carrier = "G (the Gauss-Newton part)" if ov >= 0.5 else "not G alone"
+        return (f"Outliers carried by {carrier}: {above} of G's eigenvalues above the bulk edge, "
+                f"overlap of the top-{n_out} eigenspaces of H and G {ov:.2f}.")
+
     def negative_part(self) -> dict[str, Any]:
         """The negative part of the spectrum as every view reports it: the fraction of
         eigenvalues clearly negative (below ``-resolution``), the fraction within
@@ -167,6 +189,7 @@ def analyze(
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
     bottom_k: int = 5,
     exact: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> SpectrumAnalysis:
     """Run the full spectrum analysis of a Problem's Hessian (see the module docstring).
 
@@ -185,7 +208,13 @@ def analyze(
         exact: ``True``: the dense matrices of ``H`` and ``G`` from products of identity blocks
             and ``eigh`` (every eigenvalue, exact densities); ``False``: Lanczos, eigsh and SLQ;
             ``None`` (default): exact when :func:`exact_is_cheaper` (``P`` up to
-            :data:`EXACT_MAX_PARAMS` and no more product columns than the iterative plan).
+            :data:`EXACT_MAX_PARAMS` and the cheaper by :func:`timed_plan`).
+        checkpoint_dir: a folder that makes the analysis resumable
+            (:class:`~curvscope._stages.StageStore`): every finished stage is saved there and
+            every solver checkpoints inside its stage, so the same call after a kill (SIGKILL
+            included) continues and returns what an uninterrupted call returns; a folder of
+            another model, data or options is refused (``CheckpointMismatchError``). The
+            folder is left for the caller to delete.
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
@@ -211,25 +240,40 @@ def analyze(
         if on_stage is not None:
             on_stage(name, done)
 
+    store = StageStore(checkpoint_dir, None if checkpoint_dir is None else {
+        **problem_fingerprint(problem), "k": k, "budget": budget, "seed": seed,
+        "outlier_threshold": outlier_threshold, "papyan": papyan, "classes": classes,
+        "class_mode": class_mode, "bottom_k": bottom_k, "exact": exact,
+        "version": _version()}, HessianOperator(problem))
     split_cols = planned_split(num_probes, num_iters, k, min(bottom_k, P), papyan)
     cols = sum(split_cols)
-    plan = None
-    if exact is None and P <= EXACT_MAX_PARAMS:
-        plan = timed_plan(HessianOperator(problem), P, split_cols, num_probes, papyan)
-    if exact is not None:
-        use_exact = bool(exact)
-    elif plan is not None:
-        use_exact = plan["exact_s"] <= plan["iterative_s"]
-    else:
-        use_exact = exact_is_cheaper(P, cols, papyan)
+
+    def choose(_: Any) -> dict[str, Any]:
+        plan = None
+        if exact is None and P <= EXACT_MAX_PARAMS:
+            plan = timed_plan(HessianOperator(problem), P, split_cols, num_probes, papyan)
+        if exact is not None:
+            use = bool(exact)
+        elif plan is not None:
+            use = plan["exact_s"] <= plan["iterative_s"]
+        else:
+            use = exact_is_cheaper(P, cols, papyan)
+        return {"use_exact": use, "plan": plan}
+
+    chosen = store.run("plan", choose)
+    use_exact, plan = chosen["use_exact"], chosen["plan"]
+    emit("plan", {"method": "exact" if use_exact else "iterative",
+                  "product_columns": P * (2 if papyan else 1) if use_exact else cols,
+                  "estimated_seconds": None if plan is None else
+                  plan["exact_s" if use_exact else "iterative_s"]})
     if use_exact:
-        spectra = _exact_spectra(problem, k, min(bottom_k, P), papyan, emit)
+        spectra = _exact_spectra(problem, k, min(bottom_k, P), papyan, emit, store)
     else:
         spectra = _iterative_spectra(problem, k, min(bottom_k, P), papyan, num_probes, num_iters,
-                                     outlier_threshold, gen, emit, notes)
+                                     outlier_threshold, gen, emit, notes, store, num_classes)
     top, bottom, density = spectra["top"], spectra["bottom"], spectra["density"]
     split = find_outliers(top.eigenvalues, threshold=outlier_threshold,
-                          bulk_upper_bound=spectra["bulk_upper_bound"])
+                          bulk_upper_bound=spectra["bulk_upper_bound"], num_classes=num_classes)
     bulk_density = spectra["bulk_density"](split.count)
     tail = top.eigenvalues[split.count:]
     power = fit_power_law(tail) if int((tail > 0).sum()) >= 3 else None
@@ -243,17 +287,26 @@ def analyze(
     cls = None
     overlaps: dict[str, float] = {}
     explains: dict[str, int] = {}
+    within: dict[str, Any] = {}
     if classes is None:
         classes = num_classes is not None
     if classes and num_classes:
         r = max(split.count, 1)
-        cls = class_structure(problem, eigenvectors=_vectors(top, r), mode=class_mode, seed=seed,
-                              keep_vectors=True)
-        for term in ("G1", "G12", "G0", "G2"):
-            overlaps[term] = cls.overlap_with(term, rank=r)
-            explains[term] = int((cls.spectrum(term) > split.bulk_edge).sum())
-        within = _within_class(problem, cls, ggn_density, gen(8))
-        cls = dataclasses.replace(cls, vectors=None)  # C^2 P numbers: not kept in the result
+
+        def class_stage(inside: Path | None) -> dict[str, Any]:
+            full = class_structure(problem, eigenvectors=_vectors(top, r), mode=class_mode,
+                                   seed=seed, keep_vectors=True, checkpoint=inside)
+            return {"overlaps": {t: full.overlap_with(t, rank=r) for t in CLASS_TERMS},
+                    "explains": {t: 0 if split.bulk_edge is None else
+                                 int((full.spectrum(t) > split.bulk_edge).sum())
+                                 for t in CLASS_TERMS},
+                    "within": _within_class(problem, full, ggn_density, gen(8)),
+                    # C^2 P numbers: not kept in the result
+                    "classes": dataclasses.replace(full, vectors=None)}
+
+        found = store.run("classes", class_stage)
+        cls, overlaps, explains, within = (found["classes"], found["overlaps"], found["explains"],
+                                           found["within"])
         emit("classes", cls)
     info = {
         "num_params": P, "num_data": problem.num_data, "data_unit": problem.data_unit,
@@ -268,8 +321,17 @@ def analyze(
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
                             None if ggn_top is None else _host(ggn_top), ggn_density,
-                            residual_density, overlap, cls, overlaps, explains,
-                            within if cls is not None else {})
+                            residual_density, overlap, cls, overlaps, explains, within)
+
+
+#: The class-structure terms of G whose overlaps and outlier counts the analysis reports.
+CLASS_TERMS = ("G1", "G12", "G0", "G2")
+
+
+def _version() -> str:
+    from curvscope import __version__
+
+    return __version__
 
 
 #: Above this many parameters the analysis never forms dense matrices (``P^2`` float64 numbers
@@ -341,88 +403,120 @@ def _method_reason(use_exact: bool, asked: bool | None, P: int, cols: int, papya
 
 
 def _exact_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool,
-                   emit: Callable[[str, Any], None]) -> dict[str, Any]:
+                   emit: Callable[[str, Any], None], store: StageStore) -> dict[str, Any]:
     """Every eigenvalue of H (and of G and H - G) from dense matrices: exact top / bottom
     pairs (residuals measured with products), exact densities; the bulk density is the
-    spectrum without its top ``count`` eigenvalues.
+    spectrum without its top ``count`` eigenvalues. Two stages: ``dense_H`` and ``dense_G``.
     """
     H = HessianOperator(problem)
-    t0 = time.perf_counter()
-    MH, asym_h, cost_h = dense_matrix(H)
-    spec_h = spectrum_of(MH, asym_h, cost_h, t0)
-    zero_tol = _zero_tol(spec_h.eigenvalues, problem.dtype)
-    top = eigenpairs(H, spec_h, k, "LA")
-    emit("top", top)
-    bottom = eigenpairs(H, spec_h, bottom_k, "SA")
-    emit("bottom", bottom)
-    density = SpectralDensity.from_eigenvalues(spec_h.eigenvalues, spec_h.cost, zero_tol=zero_tol)
-    emit("density", density)
-    values = spec_h.eigenvalues
+    held: dict[str, Tensor] = {}  # H's dense matrix while this run has it (for H - G)
+
+    def hessian_stage(_: Path | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        MH, asym_h, cost_h = dense_matrix(H)
+        held["MH"] = MH
+        spec_h = spectrum_of(MH, asym_h, cost_h, t0)
+        zero_tol = _zero_tol(spec_h.eigenvalues, problem.dtype)
+        return {"top": eigenpairs(H, spec_h, k, "LA"), "bottom": eigenpairs(H, spec_h, bottom_k, "SA"),
+                "density": SpectralDensity.from_eigenvalues(spec_h.eigenvalues, spec_h.cost,
+                                                            zero_tol=zero_tol),
+                "values": spec_h.eigenvalues, "cost": spec_h.cost, "zero_tol": zero_tol}
+
+    dense_h = store.run("dense_H", hessian_stage)
+    top, bottom, density = dense_h["top"], dense_h["bottom"], dense_h["density"]
+    for name, value in (("top", top), ("bottom", bottom), ("density", density)):
+        emit(name, value)
+    values = dense_h["values"]
 
     def bulk(count: int) -> SpectralDensity | None:
         if not count:
             return None
         order = values.sort(descending=True).values
-        return SpectralDensity.from_eigenvalues(order[count:], spec_h.cost,
-                                                deflated=order[:count], zero_tol=zero_tol)
+        return SpectralDensity.from_eigenvalues(order[count:], dense_h["cost"],
+                                                deflated=order[:count], zero_tol=dense_h["zero_tol"])
 
     out: dict[str, Any] = {"top": top, "bottom": bottom, "density": density,
                            "bulk_upper_bound": None, "bulk_density": bulk}
-    if papyan:
+    if not papyan:
+        return out
+
+    def ggn_stage(_: Path | None) -> dict[str, Any]:
         G = GGNOperator(problem)
         t1 = time.perf_counter()
         MG, asym_g, cost_g = dense_matrix(G)
         spec_g = spectrum_of(MG, asym_g, cost_g, t1)
-        out["ggn_top"] = _host(eigenpairs(G, spec_g, k, "LA"))
-        out["ggn_density"] = SpectralDensity.from_eigenvalues(
-            spec_g.eigenvalues, spec_g.cost, zero_tol=_zero_tol(spec_g.eigenvalues, problem.dtype))
         t2 = time.perf_counter()
+        if "MH" in held:
+            MH, cost_h = held["MH"], dense_h["cost"]
+        else:  # resumed after dense_H: H's matrix again (P more product columns)
+            MH, _asym, cost_h = dense_matrix(H)
         res = torch.linalg.eigvalsh(MH - MG)
         cost_r = _sum_costs(cost_h, cost_g, time.perf_counter() - t2)
-        out["residual_density"] = SpectralDensity.from_eigenvalues(
-            res, cost_r, zero_tol=_zero_tol(res, problem.dtype))
+        return {"ggn_top": _host(eigenpairs(G, spec_g, k, "LA")),
+                "ggn_density": SpectralDensity.from_eigenvalues(
+                    spec_g.eigenvalues, spec_g.cost,
+                    zero_tol=_zero_tol(spec_g.eigenvalues, problem.dtype)),
+                "residual_density": SpectralDensity.from_eigenvalues(
+                    res, cost_r, zero_tol=_zero_tol(res, problem.dtype))}
+
+    out.update(store.run("dense_G", ggn_stage))
+    held.clear()
     return out
 
 
 def _iterative_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool, num_probes: int,
                        num_iters: int, outlier_threshold: float,
                        gen: Callable[[int], torch.Generator], emit: Callable[[str, Any], None],
-                       notes: list[str]) -> dict[str, Any]:
+                       notes: list[str], store: StageStore,
+                       num_classes: int | None = None) -> dict[str, Any]:
     """Top / bottom pairs by eigsh, densities by SLQ; the bulk density after deflating the
-    outliers found among the top pairs.
+    outliers found among the top pairs. Each solve is a stage of ``store``, checkpointed inside.
     """
     H = HessianOperator(problem)
-    noise = product_noise(H, gen(9))
+    noise = store.run("noise", lambda _: product_noise(H, gen(9)))
     tol = top_tolerance(noise)
     notes_tol = {"product_noise": noise, "tol": tol}
-    top = eigsh(H, k, which="LA", generator=gen(1), tol=tol)
+    top = store.run("top", lambda inside: eigsh(H, k, which="LA", generator=gen(1), tol=tol,
+                                                 checkpoint=inside))
     emit("top", top)
     # eigenvalues near zero cannot meet a relative tolerance: accept 1e-3 ||H|| absolute, and
     # a bounded effort (the mask in the result says which pairs converged)
     atol = 1e-3 * float(top.eigenvalues.abs().max())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        bottom = eigsh(H, bottom_k, which="SA", generator=gen(2), tol=tol, atol=atol,
-                       max_iters=40)
-    notes += [str(w.message) for w in caught]
+
+    def bottom_stage(inside: Path | None) -> dict[str, Any]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            found = eigsh(H, bottom_k, which="SA", generator=gen(2), tol=tol, atol=atol,
+                          max_iters=40, checkpoint=inside)
+        return {"result": found, "notes": [str(w.message) for w in caught]}
+
+    low = store.run("bottom", bottom_stage)
+    bottom = low["result"]
+    notes += low["notes"]
     emit("bottom", bottom)
-    density = slq(H, num_probes, num_iters, generator=gen(3))
+    density = store.run("density", lambda inside: slq(H, num_probes, num_iters,
+                                                      generator=gen(3), checkpoint=inside))
     emit("density", density)
-    split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold)
+    split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold,
+                           num_classes=num_classes)
     bulk_density = None
     if split0.count:
         deflate = _first(top, split0.count)
-        bulk_density = slq(H, num_probes, num_iters, deflate=deflate, generator=gen(4))
+        bulk_density = store.run("bulk_density", lambda inside: slq(
+            H, num_probes, num_iters, deflate=deflate, generator=gen(4), checkpoint=inside))
     out: dict[str, Any] = {
         "top": top, "bottom": bottom, "density": density, **notes_tol,
         "bulk_upper_bound": bulk_density.bounds[1] if bulk_density else None,
         "bulk_density": lambda count: bulk_density}
     if papyan:
         G = GGNOperator(problem)
-        out["ggn_top"] = _host(eigsh(G, k, which="LA", generator=gen(5), tol=tol))
-        out["ggn_density"] = slq(G, num_probes, num_iters, generator=gen(6))
-        out["residual_density"] = slq(ResidualOperator(problem), num_probes, num_iters,
-                                      generator=gen(7))
+        out["ggn_top"] = _host(store.run("ggn_top", lambda inside: eigsh(
+            G, k, which="LA", generator=gen(5), tol=tol, checkpoint=inside)))
+        out["ggn_density"] = store.run("ggn_density", lambda inside: slq(
+            G, num_probes, num_iters, generator=gen(6), checkpoint=inside))
+        out["residual_density"] = store.run("residual_density", lambda inside: slq(
+            ResidualOperator(problem), num_probes, num_iters, generator=gen(7),
+            checkpoint=inside))
     return out
 
 

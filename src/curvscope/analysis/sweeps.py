@@ -2,7 +2,9 @@
 
 Papyan (2020) shows the outliers' positions follow the class structure as the number of examples
 per class and training progress; these helpers measure the top Hessian eigenvalues along either
-axis with the same solver and seed, returning JSON-able sections for the report.
+axis with the same solver and seed, returning JSON-able sections for the report: ``x`` with its
+``x_label``, ``top_eigenvalues [len(x), k]`` and their ``residual_norms``, and a ``summary`` the report
+prints as given (the keys :func:`curvscope.report.plots.plot_sweep` draws).
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ def _top(problem: Problem, k: int, seed: int) -> tuple[list[float], list[float]]
     res = eigsh(HessianOperator(problem), min(k, problem.num_params), which="LA", tol=1e-4,
                 generator=torch.Generator().manual_seed(seed))
     return res.eigenvalues.tolist(), res.residual_norms.tolist()
+
+
+def _section(kind: str, x: list[int], x_label: str, rows: list[list[float]],
+             residuals: list[list[float]]) -> dict[str, Any]:
+    first, last = rows[0][0], rows[-1][0]
+    summary = [f"Largest eigenvalue {first:.3g} at {x_label} {x[0]:,} and {last:.3g} at "
+               f"{x[-1]:,} ({last / first:.2f}x)." if first else
+               f"Largest eigenvalue {last:.3g} at {x_label} {x[-1]:,}."]
+    return {"kind": kind, "x": x, "x_label": x_label, "top_eigenvalues": rows,
+            "residual_norms": residuals, "summary": summary}
 
 
 def first_per_class(batches: Sequence[tuple[Tensor, Tensor]], n_per_class: int
@@ -59,8 +71,7 @@ def sample_size_sweep(
         vals, res = _top(problem, k, seed)
         rows.append(vals)
         residuals.append(res)
-    return {"kind": "sample_size", "x": list(sizes), "xlabel": "examples per class",
-            "eigenvalues": rows, "residual_norms": residuals}
+    return _section("sample_size", [int(n) for n in sizes], "examples per class", rows, residuals)
 
 
 def checkpoint_sweep(
@@ -85,5 +96,4 @@ def checkpoint_sweep(
         rows.append(vals)
         residuals.append(res)
         steps.append(int(step))
-    return {"kind": "checkpoints", "x": steps, "xlabel": "training step",
-            "eigenvalues": rows, "residual_norms": residuals}
+    return _section("checkpoints", steps, "training step", rows, residuals)

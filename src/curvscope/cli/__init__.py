@@ -8,13 +8,15 @@ Commands:
 
 Exit codes: 0 success; 1 the analysis failed or did not converge (with --strict); 2 bad usage or
 bad input (missing file, a factory that raises, a wrong loss); 130 interrupted. Whatever was
-computed before a failure stays in ``OUT/partial.json``.
+computed before a failure stays in ``OUT/partial.json``, and the finished stages in ``OUT/stages``:
+the same command again continues from them (``--fresh`` starts over).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import runpy
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                        "iterative: Lanczos, eigsh and SLQ; auto (default): exact when it takes "
                        "fewer products (small models)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--fresh", action="store_true",
+                       help="discard the stages an interrupted run left in --out (by default "
+                       "the same command continues from them)")
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is fastest for "
                        "small models on a busy machine)")
@@ -102,7 +107,7 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 class _Stages:
     """A progress bar over the analysis stages that also saves ``partial.json`` after each."""
 
-    NAMES = ("top", "bottom", "density", "papyan", "classes", "sweeps", "test", "bundle")
+    NAMES = ("plan", "top", "bottom", "density", "papyan", "classes", "sweeps", "test", "bundle")
 
     def __init__(self, out: Path, show: bool) -> None:
         self.out, self.bar = out, None
@@ -115,6 +120,12 @@ class _Stages:
             self.bar = tqdm(total=len(self.NAMES), desc="curvscope", unit="stage")
 
     def __call__(self, name: str, done: dict[str, Any]) -> None:
+        if name == "plan" and self.bar is not None:
+            plan = done["plan"]
+            est = plan.get("estimated_seconds")
+            self.bar.write(f"plan: {plan['method']}, about {plan['product_columns']:,} product "
+                           "columns" + ("" if est is None else
+                                        f" for the spectra, estimated {est:.0f} s"))
         self.partial.update(done)
         _write_json_atomic(self.path, {"stages_done": list(self.partial), **self.partial})
         self.written = True
@@ -125,6 +136,11 @@ class _Stages:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def finish(self) -> None:
+        """The run ended: its ``partial.json`` goes (the bundle holds everything)."""
+        self.path.unlink(missing_ok=True)
+        self.written = False
 
 
 def _dtype(name: str | None) -> Any:
@@ -155,63 +171,39 @@ def _prepare_model(model: Any, args: argparse.Namespace) -> Any:
 
 def _analyse(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, out: Path,
              *, test_data: Any = None, checkpoints: Any = None, options: dict | None = None,
-             name: str = "model") -> int:
-    """The shared tail of ``demo`` and ``run``: Problem, analysis, sweeps, bundle, summary."""
-    import curvscope as cs
-    from curvscope.analysis.outliers import mask_overlap, top_magnitude_mask
-    from curvscope.analysis.spectrum import analyze
-    from curvscope.analysis.sweeps import checkpoint_sweep
-    from curvscope.report import provenance, save_bundle
+             name: str = "model", identity: dict | None = None) -> int:
+    """The shared tail of ``demo`` and ``run``: one :func:`~curvscope.study.run_study` call,
+    then the summary printed. Everything written comes from that call.
+    """
+    from curvscope.study import StudyInputError, StudyMismatchError, run_study
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     model = _prepare_model(model, args)
     opts = {"move_batches": True, **(options or {})}
-    try:
-        problem = cs.Problem(model, loss_fn, data, **opts)
-    except (TypeError, ValueError) as err:
-        raise UsageError(str(err)) from err
     stages = _Stages(out, show=not args.no_progress)
     args.stages = stages  # main() names partial.json in a failure message only once it exists
     try:
-        exact = {"auto": None, "exact": True, "iterative": False}[args.method]
-        analysis = analyze(problem, k=args.k, budget=args.budget, seed=args.seed,
-                           on_stage=stages, exact=exact)
-        extras: dict[str, Any] = {}
-        k_sweep = min(analysis.info["k"], 20)
-        if checkpoints:
-            extras["checkpoints"] = checkpoint_sweep(model, checkpoints, loss_fn, data, k=k_sweep,
-                                                     seed=args.seed, **opts)
-        if analysis.top.eigenvectors is not None:
-            theta = problem.param_space.join(problem.parameters()).cpu()
-            r = max(analysis.outliers.count, 1)
-            ov, chance = mask_overlap(analysis.top.eigenvectors[:, :r],
-                                      top_magnitude_mask(theta, r))
-            extras["mask_overlap"] = {"kind": "mask_overlap", "k": r, "overlap": ov,
-                                      "chance": chance,
-                                      "mask": f"top-{r} parameters by magnitude"}
-        stages("sweeps", {"extras": list(extras)})
-        if test_data is not None:
-            test_problem = cs.Problem(model, loss_fn, test_data, **opts)
-            test = analyze(test_problem, k=min(analysis.info["k"], 20), budget="small",
-                           seed=args.seed, papyan=False, classes=False, bottom_k=1)
-            extras["test"] = {"kind": "train_vs_test",
-                              "train_top": analysis.top.eigenvalues[:k_sweep].tolist(),
-                              "test_top": test.top.eigenvalues[:k_sweep].tolist(),
-                              "train_trace": analysis.trace()[0], "test_trace": test.trace()[0],
-                              "test_outliers": test.outliers.count,
-                              "test_summary": test.summary()}
-        stages("test", {"test": "test" in extras})
-        prov = provenance({"name": name, "command": " ".join(sys.argv[1:]) or args.command,
-                           "seed": args.seed, "budget": args.budget,
-                           "wall_time_total": time.perf_counter() - t0})
-        paths = save_bundle(analysis, out, provenance=prov, extras=extras)
-        stages("bundle", {"bundle": {k: str(v) for k, v in paths.items()}})
+        study = run_study(
+            model, loss_fn, data, out=out, test_data=test_data, checkpoints=checkpoints,
+            problem_options=opts, k=args.k, budget=args.budget, seed=args.seed,
+            method=args.method, fresh=args.fresh, on_stage=stages, identity=identity,
+            provenance_extra={"name": name,
+                              "command": " ".join(sys.argv[1:]) or args.command})
+    except StudyMismatchError as err:
+        raise UsageError(str(err).replace("fresh=True (curvscope: --fresh)", "--fresh")) from err
+    except StudyInputError as err:
+        raise UsageError(str(err)) from err
     finally:
         stages.close()
-    print(f"\n{name}: P = {problem.num_params:,} parameters, N = {problem.num_data:,} {problem.data_unit}, "
-          f"{problem.dtype}, {time.perf_counter() - t0:.1f} s")
-    for sentence in analysis.summary():
+    stages.finish()  # a finished run leaves no partial.json
+    analysis, problem, paths = study.analysis, study.problem, study.paths
+    if study.resumed:
+        print(f"\nresumed: {len(study.resumed)} stage(s) of an interrupted run read back from "
+              f"{out}/stages ({', '.join(study.resumed)})")
+    print(f"\n{name}: P = {problem.num_params:,} parameters, N = {problem.num_data:,} "
+          f"{problem.data_unit}, {problem.dtype}, {time.perf_counter() - t0:.1f} s")
+    for sentence in study.summary():
         print(f"  - {sentence}")
     print(f"bundle: {out}/ (open {paths.get('html', out / 'report.html')})")
     converged = analysis.top.all_converged and analysis.bottom.all_converged
@@ -289,7 +281,8 @@ def _run_file(args: argparse.Namespace) -> int:
     out = args.out or Path("curvscope-out") / args.file.stem
     return _analyse(model, loss_fn, data, args, out, test_data=_call(ns, "test_data", args.file),
                     checkpoints=_call(ns, "checkpoints", args.file),
-                    options=_call(ns, "problem_options", args.file), name=args.file.stem)
+                    options=_call(ns, "problem_options", args.file), name=args.file.stem,
+                    identity={"run_file": hashlib.sha256(args.file.read_bytes()).hexdigest()})
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -305,42 +298,25 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _key_numbers(bundle: Any) -> dict[str, Any]:
-    a = bundle.analysis
-    tr, se = a.trace()
-    return {
-        "parameters": a.info["num_params"], "examples": a.info["num_data"],
-        "classes": a.info.get("num_classes"), "outliers": a.outliers.count,
-        "top eigenvalue": float(a.top.eigenvalues[0]), "bulk edge": a.outliers.bulk_edge,
-        "trace": f"{tr:.4g} +- {se:.2g}",
-        "clearly negative": round(a.negative_part()["clearly_negative"][0], 4),
-        "near zero": round(a.negative_part()["near_zero"][0], 4),
-        "method": a.info.get("method", "iterative"),
-        "overlap H/G": a.overlap_hessian_ggn,
-        "products": a.top.cost.num_matvecs + a.density.cost.num_matvecs,
-    }
-
-
 def _compare(args: argparse.Namespace) -> int:
     from curvscope.report import load_bundle
+    from curvscope.report.compare import compare_bundles, render_compare_html
 
     try:
         a, b = load_bundle(args.a), load_bundle(args.b)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err
-    ka, kb = _key_numbers(a), _key_numbers(b)
-    width = max(len(k) for k in ka)
-    print(f"{'':{width}}  {str(args.a):>24}  {str(args.b):>24}")
-    for key in ka:
-        print(f"{key:{width}}  {str(ka[key]):>24}  {str(kb[key]):>24}")
+    comparison = compare_bundles(a, b)
+    for sentence in comparison["differences"]:
+        print(f"note: {sentence}")
+    rows = comparison["rows"]
+    width = max(len(k) for k in rows)
+    print(f"{'':{width}}  {str(args.a):>28}  {str(args.b):>28}")
+    for key, (va, vb) in rows.items():
+        print(f"{key:{width}}  {va:>28}  {vb:>28}")
     if args.out is not None:
-        _write_json_atomic(args.out / "compare.json", {"a": str(args.a), "b": str(args.b),
-                                                       "rows": {k: [ka[k], kb[k]] for k in ka}})
-        rows = "".join(f"<tr><th>{k}</th><td>{ka[k]}</td><td>{kb[k]}</td></tr>" for k in ka)
-        html = (f"<!doctype html><meta charset='utf-8'><title>curvscope compare</title>"
-                f"<table border=1><tr><th></th><th>{args.a}</th><th>{args.b}</th></tr>{rows}"
-                "</table>")
-        (args.out / "compare.html").write_text(html)
+        _write_json_atomic(args.out / "compare.json", comparison)
+        (args.out / "compare.html").write_text(render_compare_html(comparison))
     return EXIT_OK
 
 
@@ -406,7 +382,8 @@ def _partial_note(args: argparse.Namespace, verb: str) -> str:
     stages = getattr(args, "stages", None)
     if stages is None or not stages.written or not stages.path.is_file():
         return ""
-    return f"; partial results {verb} {stages.path}"
+    return (f"; partial results {verb} {stages.path}, the finished stages in "
+            f"{stages.out / 'stages'}: the same command continues from them")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -357,6 +357,7 @@ def _key_numbers(a: SpectrumAnalysis) -> dict[str, Any]:
         "outliers": a.outliers.to_dict(),
         "bulk_power_law": None if a.bulk_power_law is None else a.bulk_power_law.to_dict(),
         "overlap_hessian_ggn": a.overlap_hessian_ggn,
+        "ggn_above_edge": a.ggn_above_edge(),
     }
     for name in ("bulk_density", "ggn_density", "residual_density"):
         s: SpectralDensity | None = getattr(a, name)

@@ -51,6 +51,18 @@ CAPTIONS = {
 }
 SWEEP_CAPTION = ("Top eigenvalues across the sweep. <b>Look for</b>: outliers that settle (or "
                  "drift) as x grows, and their separation from the bulk edge.")
+#: Captions of the other extras sections' figures, by the section's ``kind``.
+SECTION_CAPTIONS = {
+    "train_vs_test": (
+        "Top eigenvalues of the Hessian on the training data and on held-out data, rank by rank "
+        "(dotted: each split's bulk edge). <b>Look for</b>: the same number of outliers on both "
+        "(they come from the class structure, not from memorised examples), and how far the "
+        "test spectrum sits above the training one."),
+    "mask_overlap": (
+        "Weight of the top (outlier) eigenspace on the largest-magnitude parameters, for masks "
+        "of growing size, against chance (dashed). <b>Look for</b>: a curve well above chance "
+        "means the sharp directions live on the large weights (Fernandez et al. 2025)."),
+}
 
 CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;
@@ -162,11 +174,17 @@ def _headline(doc: Mapping[str, Any]) -> str:
     C = prov.get("num_classes")
     if out:
         n = out.get("count", 0)
-        parts.append(f"{n} outlier{'s' if n != 1 else ''}" + (f" for {C} classes" if C else ""))
+        sure = out.get("confidence", "clear")
+        parts.append(f"{n} outlier{'s' if n != 1 else ''}" + (f" for {C} classes" if C else "")
+                     + (f" ({sure})" if n and sure != "clear" else ""))
     ov = kn.get("overlap_hessian_ggn")
-    if ov is not None:
-        parts.append(("outliers carried by G" if ov >= 0.5 else "outliers not carried by G alone")
-                     + f" (overlap {ov:.2f})")
+    if ov is not None and out.get("count"):
+        above = kn.get("ggn_above_edge")
+        if above == 0:
+            parts.append("G has no eigenvalue above the bulk edge")
+        else:
+            parts.append(("outliers carried by G" if ov >= 0.5 else
+                          "outliers not carried by G alone") + f" (overlap {ov:.2f})")
     nf, nz = kn.get("negative_fraction"), kn.get("near_zero_fraction")
     if isinstance(nf, Mapping) and nf.get("value") is not None:
         text = f"{nf['value']:.0%} of eigenvalues clearly negative"
@@ -216,13 +234,16 @@ def _key_table(doc: Mapping[str, Any]) -> str:
     add("share of spectral mass that is negative", kn.get("negative_mass"))
     out = kn.get("outliers") or {}
     if out:
-        rows.append(["outliers (eigengap rule)", _num(out.get("count")), "",
-                     f"largest j with λ_j/λ_(j+1) ≥ {_num(out.get('threshold'))}; ratio at the "
-                     f"split {_num(out.get('gap_ratio'))}"])
+        sure = out.get("confidence", "clear")
+        rows.append(["outliers (eigengap rule)", _num(out.get("count")), _e(str(sure)),
+                     _e(out.get("evidence") or
+                        f"largest j with λ_j/λ_(j+1) ≥ {_num(out.get('threshold'))}; ratio at "
+                        f"the split {_num(out.get('gap_ratio'))}")])
         edge_slq = out.get("bulk_edge_slq")
-        rows.append(["bulk edge", _num(out.get("bulk_edge")), "",
-                     "λ_(j+1) from Lanczos" + (f"; deflated-SLQ bound {_num(edge_slq)}"
-                                               if edge_slq is not None else "")])
+        if out.get("bulk_edge") is not None:  # no outliers: no bulk edge
+            rows.append(["bulk edge", _num(out.get("bulk_edge")), "",
+                         "λ_(j+1) from Lanczos" + (f"; deflated-SLQ bound {_num(edge_slq)}"
+                                                   if edge_slq is not None else "")])
     pl = kn.get("bulk_power_law")
     if pl:
         rows.append(["bulk tail exponent α (λ_j ~ j^-α)", _num(pl.get("exponent")),
@@ -304,7 +325,7 @@ def _records(v: Any) -> bool:
 
 
 def _extras(doc: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
-    from curvscope.report.plots import _safe, is_sweep
+    from curvscope.report.plots import is_sweep, section_image_name
 
     extras = doc.get("extras") or {}
     if not extras:
@@ -313,10 +334,18 @@ def _extras(doc: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     out = ["<h2 id='extras'>Further sections</h2>"]
     for name, section in extras.items():
         out.append(f"<h3>{_e(name.replace('_', ' '))}</h3>")
-        img = f"sweep_{_safe(name)}"
-        if is_sweep(section) and img in images:
-            out.append(_img(img, images[img], SWEEP_CAPTION))
-        out.append(_section(section, manifest))
+        summary = section.get("summary") if isinstance(section, Mapping) else None
+        if isinstance(summary, list) and summary:
+            out.append("<ul class='summary'>" + "".join(f"<li>{_e(str(t))}</li>" for t in summary)
+                       + "</ul>")
+        img = section_image_name(name, section)
+        if img is not None and img in images:
+            caption = SWEEP_CAPTION if is_sweep(section) else SECTION_CAPTIONS.get(
+                str(section.get("kind")), "")
+            out.append(_img(img, images[img], caption))
+        rest = {k: v for k, v in section.items() if k != "summary"} if isinstance(
+            section, Mapping) else section
+        out.append(_section(rest, manifest))
     return "\n".join(out)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +42,10 @@ __all__ = [
     "plot_class_structure",
     "plot_density",
     "plot_embedding",
+    "plot_mask_overlap",
+    "plot_section",
     "plot_sweep",
+    "plot_train_vs_test",
     "plot_top_eigenvalues",
     "render_pngs",
 ]
@@ -177,8 +181,9 @@ def plot_density(analysis: SpectrumAnalysis, *, num: int = 1024) -> Figure:
     ax_log.set_ylim(lpeak * 10.0 ** (-DENSITY_DECADES + 2) if lpeak > 0 else 1e-300,
                     lpeak * 3 if lpeak > 0 else 1.0)
     ax_log.set_xlim(lo_log, hi_log)
+    _mark_log_resolution(ax_log, analysis.negative_part()["resolution"], sigma, lo_log, hi_log)
     _outlier_rug(ax_log, outliers[outliers > 0], log=True, label="H outliers")
-    if analysis.outliers.bulk_edge > 0:
+    if analysis.outliers.bulk_edge is not None and analysis.outliers.bulk_edge > 0:
         ax_log.axvline(math.log10(analysis.outliers.bulk_edge), color=COLORS["bulk"], ls=":",
                        lw=1.0, label=f"bulk edge {_fmt(analysis.outliers.bulk_edge)}")
     ax_log.set_title("Magnitudes: density of log10|λ| by sign")
@@ -187,6 +192,22 @@ def plot_density(analysis: SpectrumAnalysis, *, num: int = 1024) -> Figure:
     ax_log.legend(loc="upper left", fontsize=8, framealpha=0.9)
     ax_log.grid(alpha=0.25)
     return fig
+
+
+def _mark_log_resolution(ax: Axes, resolution: float, sigma: float, lo: float, hi: float) -> None:
+    """Mark what the log-|λ| panel cannot resolve: magnitudes below the density's resolution
+    (shaded: their sign and shape are smoothing, not structure) and the Gaussian width used on
+    the log axis (a bar of +-sigma decades: lobes narrower than it are the kernel's).
+    """
+    if resolution > 0 and math.log10(resolution) > lo:
+        edge = min(math.log10(resolution), hi)
+        ax.axvspan(lo, edge, color="0.6", alpha=0.18, lw=0, hatch="//",
+                   label=f"|λ| < {_fmt(resolution)}: below the resolution")
+    y = ax.get_ylim()
+    level = y[1] / (y[1] / y[0]) ** 0.05 if y[0] > 0 else y[1] * 0.5  # top right
+    x0 = hi - 0.04 * (hi - lo) - 2 * sigma
+    ax.plot([x0, x0 + 2 * sigma], [level, level], color="0.25", lw=2.5, solid_capstyle="butt",
+            label=f"smoothing width ±σ = {sigma:.2g} decades")
 
 
 # --------------------------------------------------------------------------- top eigenvalues
@@ -232,14 +253,18 @@ def plot_top_eigenvalues(analysis: SpectrumAnalysis) -> Figure:
     top = analysis.top
     _ranked(axes[0], _np(top.eigenvalues), _np(top.residual_norms), split.count, COLORS["H"],
             (f"H outliers ({split.count})", "H, top of the bulk"))
-    axes[0].axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
-                    label=f"bulk edge λ_(j+1) = {_fmt(split.bulk_edge)}")
+    if split.bulk_edge is not None:  # no outliers: no edge
+        axes[0].axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
+                        label=f"bulk edge λ_(j+1) = {_fmt(split.bulk_edge)}")
     if split.bulk_edge_slq is not None and split.bulk_edge_slq > 0:
         axes[0].axhline(split.bulk_edge_slq, color=COLORS["bulk"], ls=":", lw=1,
                         label=f"deflated-SLQ bulk bound {_fmt(split.bulk_edge_slq)}")
-    rule = (f"outlier rule: λ_j / λ_(j+1) ≥ {split.threshold:g}\n"
-            f"{split.count} outlier{'s' if split.count != 1 else ''}; gap ratio at the split "
-            f"{split.gap_ratio:.2f}")
+    sure = getattr(split, "confidence", "clear")
+    rule = (f"outlier rule: λ_j / λ_(j+1) ≥ {split.threshold:g}, or a gap well above the "
+            f"bulk's spacing\n{split.count} outlier{'s' if split.count != 1 else ''}"
+            + (f" ({sure})" if split.count and sure != "clear" else "")
+            + (f"; gap ratio at the split {split.gap_ratio:.2f}" if split.count else
+               f"; largest gap ratio {split.gap_ratio:.2f}"))
     if analysis.bulk_power_law is not None:
         pl = analysis.bulk_power_law
         rule += f"\nbulk tail λ_j ~ j^(-α): α = {pl.exponent:.2f} ± {pl.std_error:.2f}"
@@ -254,8 +279,9 @@ def plot_top_eigenvalues(analysis: SpectrumAnalysis) -> Figure:
         assert g is not None
         _ranked(axes[1], _np(g.eigenvalues), _np(g.residual_norms), split.count, COLORS["G"],
                 (f"G, ranks 1-{split.count} (as many as H's outliers)", "G, further ranks"))
-        axes[1].axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
-                        label=f"H's bulk edge {_fmt(split.bulk_edge)}")
+        if split.bulk_edge is not None:
+            axes[1].axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
+                            label=f"H's bulk edge {_fmt(split.bulk_edge)}")
         ov = analysis.overlap_hessian_ggn
         axes[1].set_title(f"Top {g.k} eigenvalues of G; overlap with H's top-{max(split.count, 1)}"
                           f" space {ov:.2f}" if ov is not None else f"Top {g.k} eigenvalues of G")
@@ -318,8 +344,9 @@ def plot_class_structure(analysis: SpectrumAnalysis) -> Figure:
     if within:
         ax.plot(np.arange(1, len(within) + 1), within, marker="x", ms=5, lw=0.8, color="0.35",
                 label="within-class G - G_class")
-    ax.axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
-               label=f"H bulk edge {_fmt(split.bulk_edge)}")
+    if split.bulk_edge is not None:
+        ax.axhline(split.bulk_edge, color=COLORS["bulk"], ls="--", lw=1,
+                   label=f"H bulk edge {_fmt(split.bulk_edge)}")
     ax.set_yscale("log")
     ax.set_xlim(0, max(shown_max, top.size) + 1)
     _integer_ticks(ax)
@@ -492,6 +519,79 @@ def plot_sweep(section: dict[str, Any], *, name: str | None = None) -> Figure:
     return fig
 
 
+# --------------------------------------------------------------------------- other sections
+def plot_train_vs_test(section: dict[str, Any], *, name: str | None = None) -> Figure:
+    """The top eigenvalues on training and on held-out data, rank by rank, with each split's
+    bulk edge (a ``train_vs_test`` section of :func:`curvscope.analysis.sections.train_vs_test`).
+    """
+    tr, te = _np(section["train_top"]).reshape(-1), _np(section["test_top"]).reshape(-1)
+    fig = _figure(figsize=(8.5, 4.4))
+    ax = fig.subplots(1, 1)
+    ax.plot(np.arange(1, tr.size + 1), tr, "o-", ms=4, lw=1, color="#1f77b4", label="train")
+    ax.plot(np.arange(1, te.size + 1), te, "s--", ms=4, lw=1, color="#d62728", label="test")
+    for key, color, split in (("train_bulk_edge", "#1f77b4", "train"),
+                              ("test_bulk_edge", "#d62728", "test")):
+        if section.get(key) is not None and np.isfinite(float(section[key])):
+            ax.axhline(float(section[key]), color=color, ls=":", lw=1,
+                       label=f"{split} bulk edge")
+    if tr.size and (tr > 0).all() and (te > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("rank j")
+    ax.set_ylabel("eigenvalue λ_j")
+    ax.set_title(str(section.get("title") or
+                     f"Top {tr.size} eigenvalues: train ({section.get('train_outliers', '?')} "
+                     f"outliers) vs test ({section.get('test_outliers', '?')})"))
+    ax.grid(alpha=0.25, which="both")
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    return fig
+
+
+def plot_mask_overlap(section: dict[str, Any], *, name: str | None = None) -> Figure:
+    """The top eigenspace's weight on the largest-magnitude parameters against mask size, with
+    chance (a ``mask_overlap`` section of :func:`curvscope.analysis.sections.mask_overlap_curve`).
+    """
+    P = float(section["num_params"])
+    m = _np(section["mask_sizes"]).reshape(-1) / P
+    fig = _figure(figsize=(8.5, 4.4))
+    ax = fig.subplots(1, 1)
+    ax.plot(m, _np(section["overlap"]).reshape(-1), "o-", ms=4, lw=1.2, color="#2ca02c",
+            label=f"overlap with the top-{section.get('k', '?')} eigenspace")
+    ax.plot(m, _np(section["chance"]).reshape(-1), "k--", lw=1, label="chance (mask size / P)")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"mask: fraction of the {int(P):,} parameters kept ({section.get('mask', '')})")
+    ax.set_ylabel("overlap (0..1)")
+    ax.set_title(str(section.get("title") or
+                     "Weight of the top eigenspace on the largest parameters"))
+    ax.grid(alpha=0.25, which="both")
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    return fig
+
+
+#: The figure of each kind of extras section (``section["kind"]``); sweeps are recognised by
+#: their keys (:func:`is_sweep`) whatever their kind.
+SECTION_PLOTS: dict[str, Callable[..., Figure]] = {
+    "train_vs_test": plot_train_vs_test,
+    "mask_overlap": plot_mask_overlap,
+}
+
+
+def section_image_name(name: str, section: Any) -> str | None:
+    """The image name of an extras section's figure (``None``: the section has none)."""
+    if is_sweep(section):
+        return f"sweep_{_safe(name)}"
+    if isinstance(section, dict) and section.get("kind") in SECTION_PLOTS:
+        return f"section_{_safe(name)}"
+    return None
+
+
+def plot_section(name: str, section: dict[str, Any]) -> Figure:
+    """The figure of one extras section (a sweep or a kind in :data:`SECTION_PLOTS`)."""
+    if is_sweep(section):
+        return plot_sweep(section, name=name)
+    return SECTION_PLOTS[section["kind"]](section, name=name)
+
+
 # --------------------------------------------------------------------------- all at once
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "section"
@@ -502,7 +602,8 @@ def render_pngs(analysis: SpectrumAnalysis, extras: dict[str, Any] | None = None
     """Every applicable figure as PNG bytes, ``{name: png}`` in report order.
 
     Names: ``density``, ``top_eigenvalues``, ``class_structure`` and ``embedding`` (with a class
-    structure), ``sweep_<section>`` for each sweep in ``extras``.
+    structure), ``sweep_<section>`` for each sweep in ``extras`` and ``section_<section>``
+    for each other section with a figure (:func:`section_image_name`).
     """
     figs: dict[str, Figure] = {"density": plot_density(analysis),
                                "top_eigenvalues": plot_top_eigenvalues(analysis)}
@@ -510,11 +611,9 @@ def render_pngs(analysis: SpectrumAnalysis, extras: dict[str, Any] | None = None
         figs["class_structure"] = plot_class_structure(analysis)
         figs["embedding"] = plot_embedding(analysis)
     for name, section in (extras or {}).items():
-        if is_sweep(section):
-            key = f"sweep_{_safe(name)}"
-            while key in figs:
-                key += "_"
-            figs[key] = plot_sweep(section, name=name)
+        key = section_image_name(name, section)
+        if key is not None:
+            figs[key] = plot_section(name, section)
     out = {}
     for name, fig in figs.items():
         buf = io.BytesIO()

@@ -277,7 +277,7 @@ def eigsh(
         anorm, restarts, check_early = state["anorm"], state["restarts"], state["check_early"]
         if generator is not None:
             generator.set_state(state["generator"])
-        counted.num_matvecs, counted.num_products = state["num_matvecs"], state["num_products"]
+        counted.restore(state)
     history: list[float] = []
     stagnated = False
     while True:
@@ -293,8 +293,7 @@ def eigsh(
                            "anorm": anorm,
                            "restarts": restarts, "check_early": check_early,
                            "generator": None if generator is None else generator.get_state(),
-                           "num_matvecs": counted.num_matvecs,
-                           "num_products": counted.num_products})
+                           **counted.counters()})
         Q, AQ = basis.Q, basis.AQ
         H = (Q.T @ AQ).to("cpu", torch.float64)
         theta, S = torch.linalg.eigh((H + H.T) / 2)

@@ -294,7 +294,7 @@ def lanczos(
             omega.force_next = bool(state["omega_force"])
         if generator is not None:
             generator.set_state(state["generator"])
-        counted.num_matvecs, counted.num_products = state["num_matvecs"], state["num_products"]
+        counted.restore(state)
     for j in range(start, m):
         W = counted @ V
         a = (V * W).sum(0)
@@ -324,7 +324,7 @@ def lanczos(
                 "omega_cur": None if omega is None else omega.cur.cpu(),
                 "omega_force": False if omega is None else omega.force_next,
                 "generator": None if generator is None else generator.get_state(),
-                "num_matvecs": counted.num_matvecs, "num_products": counted.num_products,
+                **counted.counters(),
             })
     return LanczosResult(alpha.T.contiguous(), beta.T.contiguous(), start_norms,
                          store.result(), reorth, counted.cost())

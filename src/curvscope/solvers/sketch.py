@@ -57,8 +57,7 @@ class _InPlaceProducts:
         X.data.copy_(self.saved["X"])
         if Z is not None and self.saved.get("Z") is not None:
             Z.data.copy_(self.saved["Z"])
-        self.counted.num_matvecs = self.saved["num_matvecs"]
-        self.counted.num_products = self.saved["num_products"]
+        self.counted.restore(self.saved)
         if self.generator is not None:
             self.generator.set_state(self.saved["generator"])
         return True
@@ -88,8 +87,7 @@ class _InPlaceProducts:
                     "stage": stage, "done": stop, "X": X.data.cpu(),
                     "Z": None if out is X else out.data.cpu(),
                     "generator": None if self.generator is None else self.generator.get_state(),
-                    "num_matvecs": self.counted.num_matvecs,
-                    "num_products": self.counted.num_products})
+                    **self.counted.counters()})
 
 
 def orthonormalize_(X: TallMatrix, generator: torch.Generator | None) -> None:

@@ -1,0 +1,85 @@
+"""Further report sections computed from analyses: train vs test, parameter-mask overlap.
+
+Each function returns a JSON-able section ``{"kind": ..., ..., "summary": [sentences]}``; the
+report draws the section by its ``kind`` (:data:`curvscope.report.plots.SECTION_PLOTS`) and prints
+its ``summary`` as given, so the sentences and the figure say the same (the report computes
+nothing). The sweeps of :mod:`curvscope.analysis.sweeps` follow the same format.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvscope.analysis.outliers import mask_overlap, top_magnitude_mask
+from curvscope.analysis.spectrum import SpectrumAnalysis
+
+
+def _trace_entry(a: SpectrumAnalysis) -> dict[str, Any]:
+    tr, half = a.trace_interval()
+    return {"value": tr, "half_width_95": half, "exact": bool(a.density.exact)}
+
+
+def _fmt_trace(entry: dict[str, Any]) -> str:
+    if entry["exact"]:
+        return f"{entry['value']:.4g} (exact)"
+    return f"{entry['value']:.4g} +- {entry['half_width_95']:.2g} (95%)"
+
+
+def train_vs_test(train: SpectrumAnalysis, test: SpectrumAnalysis, k: int = 20
+                  ) -> dict[str, Any]:
+    """The top ``k`` eigenvalues, outlier counts and traces of the Hessian on the training data
+    and on held-out data, side by side (Papyan 2020 Sec. 8: the outliers are a property of the
+    class structure, seen on test data too).
+    """
+    k = min(k, train.top.eigenvalues.numel(), test.top.eigenvalues.numel())
+    tr_top = train.top.eigenvalues[:k].to(torch.float64)
+    te_top = test.top.eigenvalues[:k].to(torch.float64)
+    ratio = float(te_top[0] / tr_top[0]) if float(tr_top[0]) != 0 else math.nan
+    trace_train, trace_test = _trace_entry(train), _trace_entry(test)
+    summary = [
+        f"Largest eigenvalue on test data {float(te_top[0]):.3g} vs {float(tr_top[0]):.3g} on "
+        f"the training data ({ratio:.2f}x); outliers: {test.outliers.count} on test, "
+        f"{train.outliers.count} on train.",
+        f"Trace on test {_fmt_trace(trace_test)} vs train {_fmt_trace(trace_train)}.",
+    ]
+    return {"kind": "train_vs_test", "k": k,
+            "train_top": tr_top.tolist(), "test_top": te_top.tolist(),
+            "train_outliers": train.outliers.count, "test_outliers": test.outliers.count,
+            "train_bulk_edge": train.outliers.bulk_edge, "test_bulk_edge": test.outliers.bulk_edge,
+            "train_trace": trace_train, "test_trace": trace_test,
+            "top_ratio": ratio, "summary": summary}
+
+
+def mask_overlap_curve(analysis: SpectrumAnalysis, theta: Tensor, *, points: int = 8
+                       ) -> dict[str, Any]:
+    """How much of the top eigenspace lies on the largest-magnitude parameters, for masks of
+    growing size (Fernandez et al. 2025, "Connecting parameter magnitudes and Hessian
+    eigenspaces at scale using sketched methods"): the overlap
+    ``(1/r) sum_{j in M_m} ||U[j, :]||^2`` of the top-``m`` magnitude mask with the top ``r``
+    eigenvectors (``r`` the number of outliers, at least 1), against chance ``m / P``.
+    """
+    if analysis.top.eigenvectors is None:
+        raise ValueError("the analysis kept no eigenvectors; the mask overlap needs them.")
+    theta = theta.reshape(-1)
+    P = theta.numel()
+    r = max(analysis.outliers.count, 1)
+    U = analysis.top.eigenvectors[:, :r]
+    sizes = sorted({max(1, int(round(P * f))) for f in
+                    torch.logspace(math.log10(max(r, 1) / P), math.log10(0.5), points).tolist()})
+    overlaps, chances = [], []
+    for m in sizes:
+        ov, chance = mask_overlap(U, top_magnitude_mask(theta, m))
+        overlaps.append(ov)
+        chances.append(chance)
+    at = min(range(len(sizes)), key=lambda i: abs(sizes[i] / P - 0.1))
+    lift = overlaps[at] / chances[at] if chances[at] else math.nan
+    summary = [f"The top-{r} eigenspace puts {overlaps[at]:.0%} of its weight on the "
+               f"{sizes[at]:,} largest-magnitude parameters ({sizes[at] / P:.0%} of them; "
+               f"{lift:.2f}x chance)."]
+    return {"kind": "mask_overlap", "k": r, "num_params": P,
+            "mask": "largest-magnitude parameters", "mask_sizes": sizes,
+            "overlap": overlaps, "chance": chances, "summary": summary}

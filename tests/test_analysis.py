@@ -599,7 +599,8 @@ def test_mixture_summary_names_counts(mixture):
 def test_mixture_stages_in_order(mixture):
     _, _, a, stages = mixture
     names = [s[0] for s in stages]
-    assert names == ["top", "bottom", "density", "papyan", "classes"]
+    # the plan is announced first (the CLI prints it before any solver runs)
+    assert names == ["plan", "top", "bottom", "density", "papyan", "classes"]
     for i, (_, keys) in enumerate(stages):  # results so far, growing
         assert set(keys) == set(names[: i + 1])
 
@@ -618,9 +619,11 @@ def test_analyze_regression_has_no_class_structure():
     a = analyze(problem, budget="small", seed=0, on_stage=on_stage)
     assert a.info["num_classes"] is None
     assert a.classes is None and a.class_overlaps == {} and a.class_outliers == {}
-    assert [s[0] for s in stages] == ["top", "bottom", "density", "papyan"]
-    assert [s[1] for s in stages] == [["top"], ["bottom", "top"], ["bottom", "density", "top"],
-                                      ["bottom", "density", "papyan", "top"]]
+    assert [s[0] for s in stages] == ["plan", "top", "bottom", "density", "papyan"]
+    assert [s[1] for s in stages] == [["plan"], ["plan", "top"], ["bottom", "plan", "top"],
+                                      ["bottom", "density", "plan", "top"],
+                                      ["bottom", "density", "papyan", "plan", "top"]]
+    assert partial["plan"]["method"] == a.info["method"]
     assert a.top.k == 20 and a.info["k"] == 20 and a.bottom.k == 5
     assert "classes" not in a.summary()[0]
     # the partial results are the final ones
@@ -641,7 +644,7 @@ def test_analyze_options_and_validation():
     stages = []
     a = analyze(problem, budget="small", papyan=False, classes=False, k=4,
                 on_stage=lambda n, d: stages.append(n))
-    assert stages == ["top", "bottom", "density"]
+    assert stages == ["plan", "top", "bottom", "density"]
     assert a.classes is None and a.ggn_top is None and a.overlap_hessian_ggn is None
     assert a.top.k == 4 and a.info["num_classes"] == 3
     b = analyze(problem, budget="small", k=4)  # cross-entropy: classes by default

@@ -1,12 +1,14 @@
 """The command line: demo, run, report, compare; one-line errors with exit codes; partial results."""
 
 import json
+import pathlib
 import re
 import textwrap
 
 import pytest
 import torch
 
+from curvscope.analysis.formatting import with_error
 from curvscope.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from curvscope.report import load_bundle
 
@@ -59,9 +61,10 @@ def test_compare_two_bundles(demo_bundle, tmp_path, capsys):
     assert doc["differences"] == [] and "note:" not in table  # like for like: nothing to say
     # the same figure as the bundle's own report: the trace with its 95 % interval
     kn = load_bundle(demo_bundle).key_numbers["trace"]
-    assert rows["trace"][0] == f"{kn['value']:.4g} +- {kn['interval_95']:.2g} (95%)" + (
-        "" if kn["resolved"] else ", unresolved")
-    assert f"{kn['value']:.4g}" in (tmp_path / "compare.html").read_text()
+    told = with_error(kn["value"], kn["interval_95"])
+    assert rows["trace"][0] == f"{told} (95%)" + ("" if kn["resolved"] else ", unresolved")
+    assert told in (tmp_path / "compare.html").read_text()
+    assert told in " ".join(load_bundle(demo_bundle).summary)
 
 
 def test_compare_says_when_models_data_or_dtypes_differ(demo_bundle, tmp_path, capsys):
@@ -385,3 +388,23 @@ def test_model_on_the_meta_device_is_bad_usage(tmp_path, capsys):
                     r"^curvscope run: error: the model's tensors \['0.weight', '0.bias', '2.weight', "
                     r"'2.bias'\] are on the meta device \(shapes only, no values\).*"
                     r"model.to_empty\(device='cpu'\)")
+
+
+def _shape(sentence: str) -> str:
+    """A README sample sentence as a pattern: every number a wildcard, '...' anything."""
+    number = r"-?\d[\d,]*(?:\.\d+)?(?:e[-+]\d+)?"
+    parts = re.split(number, sentence.replace("...", "\0"))
+    pattern = number.join(re.escape(p) for p in parts)
+    return pattern.replace(re.escape("\0"), ".*")
+
+
+def test_readme_sample_is_what_the_demo_says(demo_bundle):
+    """The README's sample summary is the demo's summary sentence for sentence, numbers aside."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sample = re.search(r"```\ngaussian_mixture\(C=10\).*?```", readme, flags=re.S).group(0)
+    told = [line[4:] for line in sample.splitlines() if line.startswith("  - ")]
+    analysis_lines = [t for t in told if not re.match(r"(checkpoints|mask overlap|test): ", t)]
+    summary = load_bundle(demo_bundle).summary
+    assert len(analysis_lines) == len(summary)
+    for line, said in zip(analysis_lines, summary):
+        assert re.fullmatch(_shape(line), said), (line, said)

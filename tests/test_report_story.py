@@ -8,9 +8,10 @@ import re
 import pytest
 
 import curvscope as cs
+from curvscope.analysis.formatting import rounded_to_error
 from curvscope.analysis.spectrum import analyze
 from curvscope.report import save_bundle
-from curvscope.report.html import _headline, _key_table, _num
+from curvscope.report.html import _headline, _key_table
 from curvscope.testing import tiny_cnn, tiny_mlp
 
 
@@ -37,9 +38,11 @@ def test_headline_summary_table_and_json_tell_one_story(make, exact, tmp_path):
     if a.density.exact:
         assert "exact" in headline and "exact" in summary and "(exact)" in table
     else:
-        # the same 95% interval in the summary (2 significant digits) and the headline / table
-        assert f"+- {half:.2g} (95% interval" in summary
-        assert f"± {_num(half, 2)} (95%)" in headline and f"± {_num(half, 2)} (95%)" in table
+        # the same figure, rounded to its 95% interval, in the summary, the headline and the table
+        value, err = rounded_to_error(tr, half)
+        assert f"Trace {value} +- {err} (95% interval" in summary
+        assert f"trace {value} ± {err} (95%)" in headline
+        assert f"{value}</td><td>± {err} (95%)" in table.replace("<td class='num'>", "<td>")
         assert ("unresolved" in summary) == (half >= abs(tr))
         assert ("unresolved" in headline) == (half >= abs(tr))
     # no other percentage of negative eigenvalues anywhere in the headline

@@ -40,7 +40,7 @@ def test_every_section_round_trips_and_renders(study):
     assert expected <= names, names
     for name in expected:
         assert (out / f"{name}.png").stat().st_size > 5_000
-        assert f"id='fig-{name}'" in html, name
+        assert html.count(f"id='fig-{name}'") == 1, name  # once: sections' plots with them
     # each further section: its caption and its summary sentences, as computed
     assert SWEEP_CAPTION in html
     for kind in ("train_vs_test", "mask_overlap"):
@@ -78,6 +78,10 @@ def test_train_vs_test_against_an_independent_analysis(study):
     got = torch.tensor(section["test_top"], dtype=torch.float64)
     assert float(((got - want).abs() / want.abs()).max()) < 1e-6
     assert section["test_outliers"] == test.outliers.count
+    assert section["test_outlier_confidence"] == test.outliers.confidence
+    told = f"{test.outliers.count} ({test.outliers.confidence}) on test" if test.outliers.count \
+        else "0 on test"
+    assert told in section["summary"][0]
     assert section["top_ratio"] == pytest.approx(float(want[0]) / section["train_top"][0])
     same = train_vs_test(s.analysis, s.analysis, 5)
     assert same["top_ratio"] == 1.0 and same["train_top"] == same["test_top"]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvscope.analysis.formatting import with_error
 from curvscope.analysis.outliers import mask_overlap, top_magnitude_mask
 from curvscope.analysis.spectrum import SpectrumAnalysis
 
@@ -26,7 +27,13 @@ def _trace_entry(a: SpectrumAnalysis) -> dict[str, Any]:
 def _fmt_trace(entry: dict[str, Any]) -> str:
     if entry["exact"]:
         return f"{entry['value']:.4g} (exact)"
-    return f"{entry['value']:.4g} +- {entry['half_width_95']:.2g} (95%)"
+    return f"{with_error(entry['value'], entry['half_width_95'])} (95%)"
+
+
+def _count(a: SpectrumAnalysis) -> str:
+    """The outlier count with the rule's confidence ("2 (clear)", "5 (probable)", "0")."""
+    split = a.outliers
+    return f"{split.count} ({split.confidence})" if split.count else "0"
 
 
 def train_vs_test(train: SpectrumAnalysis, test: SpectrumAnalysis, k: int = 20
@@ -42,13 +49,15 @@ def train_vs_test(train: SpectrumAnalysis, test: SpectrumAnalysis, k: int = 20
     trace_train, trace_test = _trace_entry(train), _trace_entry(test)
     summary = [
         f"Largest eigenvalue on test data {float(te_top[0]):.3g} vs {float(tr_top[0]):.3g} on "
-        f"the training data ({ratio:.2f}x); outliers: {test.outliers.count} on test, "
-        f"{train.outliers.count} on train.",
+        f"the training data ({ratio:.2f}x); outliers: {_count(test)} on test, "
+        f"{_count(train)} on train.",
         f"Trace on test {_fmt_trace(trace_test)} vs train {_fmt_trace(trace_train)}.",
     ]
     return {"kind": "train_vs_test", "k": k,
             "train_top": tr_top.tolist(), "test_top": te_top.tolist(),
             "train_outliers": train.outliers.count, "test_outliers": test.outliers.count,
+            "train_outlier_confidence": train.outliers.confidence,
+            "test_outlier_confidence": test.outliers.confidence,
             "train_bulk_edge": train.outliers.bulk_edge, "test_bulk_edge": test.outliers.bulk_edge,
             "train_trace": trace_train, "test_trace": trace_test,
             "top_ratio": ratio, "summary": summary}

@@ -32,6 +32,7 @@ from torch import Tensor
 from curvscope._diagnostics import Cost
 from curvscope._stages import StageStore, problem_fingerprint
 from curvscope.analysis.class_structure import ClassStructure, class_structure
+from curvscope.analysis.formatting import with_error
 from curvscope.analysis.outliers import (
     OutlierSplit,
     PowerLawFit,
@@ -114,12 +115,13 @@ class SpectrumAnalysis:
                    f"{float(self.bottom.eigenvalues.min()):.3g}).")
         tr, half = self.trace_interval()
         how = ("exact: every eigenvalue from the dense Hessian" if self.density.exact else
-               f"+- {half:.2g} (95% interval over {self.density.num_probes} probes)")
+               f"(95% interval over {self.density.num_probes} probes)")
         if not self.density.exact and half >= abs(tr):
             how += (": unresolved, the interval is wider than the value (about "
                     f"{_probes_to_resolve(self.density.num_probes, tr, half)} probes would "
                     "resolve it)")
-        out.append(f"Trace {tr:.4g} {how}; spectrum within "
+        shown = f"{tr:.4g}" if self.density.exact else with_error(tr, half)
+        out.append(f"Trace {shown} {how}; spectrum within "
                    f"[{self.density.bounds[0]:.3g}, {self.density.bounds[1]:.3g}].")
         if self.classes is not None and n_out:
             top = self.top.eigenvalues[:n_out].to(torch.float64)

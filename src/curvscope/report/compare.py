@@ -11,6 +11,7 @@ import html as _html
 from collections.abc import Mapping
 from typing import Any
 
+from curvscope.analysis.formatting import with_error
 from curvscope.report.bundle import LoadedBundle
 
 __all__ = ["compare_bundles", "render_compare_html"]
@@ -24,7 +25,7 @@ def _pm(entry: Any, digits: int = 4) -> str:
     if entry.get("exact"):
         return f"{value} (exact)"
     if entry.get("interval_95") is not None:
-        text = f"{value} +- {entry['interval_95']:.2g} (95%)"
+        text = f"{with_error(entry['value'], entry['interval_95'])} (95%)"
         return text if entry.get("resolved", True) else text + ", unresolved"
     if entry.get("residual_norm") is not None:
         return f"{value} (residual {entry['residual_norm']:.1g})"

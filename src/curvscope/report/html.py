@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from curvscope.analysis.formatting import rounded_to_error
+
 __all__ = ["CAPTIONS", "render_html"]
 
 TITLE = "curvscope report"
@@ -137,8 +139,9 @@ def _pm(d: Any) -> tuple[str, str]:
         return _num(d), ""
     if d.get("exact"):
         return _num(d.get("value")), "exact"
-    if "interval_95" in d:
-        return _num(d.get("value")), f"± {_num(d['interval_95'], 2)} (95%)"
+    if d.get("interval_95") is not None and isinstance(d.get("value"), float):
+        value, err = rounded_to_error(d["value"], d["interval_95"])
+        return value, f"± {err} (95%)"
     err = d.get("std_error", d.get("residual_norm"))
     label = "± " if "std_error" in d else "residual "
     return _num(d.get("value")), ("" if err is None else label + _num(err, 2))
@@ -423,7 +426,8 @@ def render_html(bundle_dict: Mapping[str, Any], images: Mapping[str, bytes]) -> 
         body.append(_eigen_table(parts.get("top"), "Top eigenpairs of H"))
         body.append(_eigen_table(parts.get("bottom"), "Bottom eigenpairs of H"))
         body.append(_eigen_table(parts.get("ggn_top"), "Top eigenpairs of G"))
-    main_imgs = [(n, p) for n, p in images.items() if not n.startswith("sweep_")]
+    main_imgs = [(n, p) for n, p in images.items()
+                 if not n.startswith(("sweep_", "section_"))]  # those show with their section
     plots_state = doc.get("plots")
     body.append("<h2 id='plots'>Plots</h2>")
     if main_imgs:

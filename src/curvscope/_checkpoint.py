@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvscope._atomic import write_atomic
 from curvscope._diagnostics import engine_choices, problems_under, restore_engine_choices
 from curvscope.distributed import world
 
@@ -139,15 +138,4 @@ class Checkpointer:
         payload = buffer.getvalue()
         header = json.dumps({"version": VERSION, "fingerprint": self.fingerprint,
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ckpt-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + len(header).to_bytes(8, "little") + header + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, MAGIC + len(header).to_bytes(8, "little") + header + payload)

@@ -18,15 +18,15 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import runpy
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from curvscope._atomic import write_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -97,11 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- helpers
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=1, default=str).encode("utf-8"))
 
 
 class _Stages:

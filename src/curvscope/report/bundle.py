@@ -40,18 +40,17 @@ import logging
 import os
 import platform
 import sys
-import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from curvscope._atomic import atomic_file, write_atomic
 from curvscope._diagnostics import Cost
 from curvscope.analysis.class_structure import TERMS, ClassStructure
 from curvscope.analysis.outliers import OutlierSplit, PowerLawFit
@@ -153,33 +152,6 @@ def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 _provenance = provenance  # the functions below have a ``provenance`` argument
-
-
-# ----------------------------------------------------------------------------- atomic writes
-@contextmanager
-def _atomic(path: Path) -> Iterator[IO[bytes]]:
-    """A binary temporary file beside ``path``: fsync'd and :func:`os.replace`'d onto ``path`` on
-    success, removed on failure. It gets the usual permissions (``0o666 & ~umask``).
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with _atomic(path) as f:
-        f.write(data)
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -514,7 +486,7 @@ def save_bundle(
     doc, arrays = bundle_dict(analysis, provenance=provenance, extras=extras,
                               eigenvectors=eigenvectors)
     paths: dict[str, Path] = {}
-    with _atomic(out / ARRAYS_FILE) as f:
+    with atomic_file(out / ARRAYS_FILE) as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
     paths["arrays"] = out / ARRAYS_FILE
     images: dict[str, bytes] = {}
@@ -527,7 +499,7 @@ def save_bundle(
             doc["plots"] = PLOTS_SKIPPED
         else:
             for name, png in images.items():
-                _write_bytes(out / f"{name}.png", png)
+                write_atomic(out / f"{name}.png", png)
                 paths[name] = out / f"{name}.png"
             doc["plots"] = [f"{name}.png" for name in images]
     else:
@@ -535,10 +507,10 @@ def save_bundle(
     from curvscope.report.html import render_html
 
     page = render_html(doc, images)
-    _write_bytes(out / HTML_FILE, page.encode("utf-8"))
+    write_atomic(out / HTML_FILE, page.encode("utf-8"))
     paths["report"] = out / HTML_FILE
     text = json.dumps(doc, indent=1, allow_nan=True)
-    _write_bytes(out / RESULT_FILE, text.encode("utf-8"))  # last: marks the bundle complete
+    write_atomic(out / RESULT_FILE, text.encode("utf-8"))  # last: marks the bundle complete
     paths["result"] = out / RESULT_FILE
     return paths
 

@@ -19,6 +19,9 @@ class Slow(LinearOperator):
         super().__init__(A.shape, dtype=A.dtype, device=A.device, tags=A.tags)
         self.A, self.delay = A, delay
 
+    def children(self):
+        return (self.A,)
+
     def _matmat(self, X):
         out = self.A @ X
         time.sleep(self.delay)

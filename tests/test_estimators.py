@@ -8,7 +8,6 @@ import torch
 
 import curvscope as cs
 from conftest import rel_err
-from curvscope.estimators._probes import random_probes
 from curvscope.estimators.diagonal import DiagonalEstimate, hutchinson_diagonal, xdiag
 from curvscope.estimators.trace import (
     TraceEstimate,
@@ -19,6 +18,7 @@ from curvscope.estimators.trace import (
     xtrace,
 )
 from curvscope.linops import DenseOperator, DiagonalOperator, LinearOperator, LowRankOperator
+from curvscope.linops._probes import random_probes
 from curvscope.testing import dense_hessian, tiny_mlp
 
 F64 = torch.float64

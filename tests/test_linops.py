@@ -633,3 +633,41 @@ def test_base_operator_rejects_negative_shape_and_has_no_matmat():
     op = LinearOperator((2, 2), dtype=F64, device="cpu")
     with pytest.raises(NotImplementedError):
         op @ torch.zeros(2, dtype=F64)
+
+
+def test_children_lead_the_cost_accounting_to_every_problem_underneath():
+    """``LinearOperator.children()`` is how Counted finds the Problems a composed operator reads:
+    a sum over two Problems counts a pass of each, H - G (one combined pass), a deflated, a
+    restricted and a scaled Hessian one; an operator that wraps another without declaring it a
+    child is a leaf, and its products are not counted as data passes."""
+    import curvscope as cs
+    from curvscope._diagnostics import Counted, problems_under
+    from curvscope.testing import tiny_mlp
+
+    tp = tiny_mlp()
+    problem = cs.Problem(tp.model, tp.loss_fn, tp.batches)
+    other = cs.Problem(tp.model, tp.loss_fn, tp.batches[:1])
+    H, G, H2 = cs.HessianOperator(problem), cs.GGNOperator(problem), cs.HessianOperator(other)
+    V = torch.linalg.qr(torch.randn(problem.num_params, 2, dtype=torch.float64))[0]
+    cases = [(H + H2, [problem, other]), (H - G, [problem]),
+             (H.deflate(V, torch.ones(2, dtype=torch.float64)), [problem]),
+             (H.restrict(slice(0, 5)), [problem]), (2.0 * H, [problem])]
+
+    class Hidden(LinearOperator):
+        def __init__(self, A):
+            super().__init__(A.shape, dtype=A.dtype, device=A.device, tags=A.tags)
+            self.inner = A
+
+        def _matmat(self, X):
+            return self.inner @ X
+
+    class Declared(Hidden):
+        def children(self):
+            return (self.inner,)
+
+    cases += [(Hidden(H), []), (Declared(H), [problem])]
+    for op, problems in cases:
+        assert {id(p) for p in problems_under(op)} == {id(p) for p in problems}, op
+        counted = Counted(op)
+        counted @ torch.randn(op.shape[1], 3, dtype=torch.float64)
+        assert counted.cost().num_data_passes == len(problems), op

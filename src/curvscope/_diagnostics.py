@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,16 +17,6 @@ import torch
 from torch import Tensor
 
 from curvscope.linops._base import LinearOperator
-
-
-def _children(op: object) -> Iterator[object]:
-    for name in ("A", "B", "operators", "_terms"):
-        value = getattr(op, name, None)
-        if isinstance(value, LinearOperator):
-            yield value
-        elif isinstance(value, list):
-            for item in value:
-                yield item[1] if isinstance(item, tuple) else item
 
 
 def problems_under(op: object) -> list[object]:
@@ -39,7 +28,8 @@ def problems_under(op: object) -> list[object]:
         problem = getattr(node, "problem", None)
         if problem is not None and hasattr(problem, "num_data_passes"):
             found[id(problem)] = problem
-        stack.extend(_children(node))
+        children = getattr(node, "children", None)
+        stack.extend(children() if callable(children) else ())
     return list(found.values())
 
 
@@ -132,6 +122,9 @@ class Counted(CostMeter):
             )
         self.A = A
         super().__init__(problems_under(A), A.device)
+
+    def children(self) -> tuple[LinearOperator, ...]:
+        return (self.A,)
 
     def __matmul__(self, X: Tensor) -> Tensor:
         self.add(1 if X.ndim == 1 else X.shape[1])

@@ -8,32 +8,33 @@ from typing import Any
 from torch import Tensor
 
 
-def _tensors(obj: Any) -> Iterator[Tensor]:
+def tensors_of(obj: Any) -> Iterator[Tensor]:
+    """Every tensor inside ``obj`` (tensors, mappings, tuples, lists), depth first."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_of(v)
     elif isinstance(obj, (tuple, list)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors_of(v)
 
 
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return tuple(_map_tensors(v, fn) for v in obj)
+        return tuple(map_tensors(v, fn) for v in obj)
     if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
+        return [map_tensors(v, fn) for v in obj]
     return obj
 
 
 def default_batch_size_fn(target: Any) -> int:
     """Number of examples in a batch: the first dimension of the target tensor."""
-    for t in _tensors(target):
+    for t in tensors_of(target):
         if t.ndim == 0:
             return 1
         return int(t.shape[0])

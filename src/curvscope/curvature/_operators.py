@@ -64,7 +64,7 @@ from curvscope.curvature._losses import (
     sample_nll_gradients,
 )
 from curvscope.curvature._param_space import ParamSpace, select_parameters
-from curvscope.curvature._problem import Batch, Problem, _first_line
+from curvscope.curvature._problem import Batch, Problem, first_line
 from curvscope.linops._base import PSD, SYMMETRIC, LinearOperator
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _fall_back(err: Exception, what: str, instead: str) -> None:
     """
     if not _is_missing_autodiff_rule(err):
         raise err
-    warnings.warn(f"{what} ({_first_line(err)}); {instead}.", EngineFallbackWarning,
+    warnings.warn(f"{what} ({first_line(err)}); {instead}.", EngineFallbackWarning,
                   stacklevel=3)
 
 
@@ -486,6 +486,9 @@ class CombinedCurvatureOperator(CurvatureOperator):
     def _kernels(self) -> list[tuple[float, CurvatureOperator]]:
         return self._terms
 
+    def children(self) -> tuple[LinearOperator, ...]:
+        return tuple(op for _, op in self._terms)
+
     def _rebuild(self, problem: Problem | None = None, **changes: Any) -> CurvatureOperator:
         return CombinedCurvatureOperator(
             [(c, o._rebuild(problem, **changes)) for c, o in self._terms]
@@ -672,7 +675,7 @@ class HessianOperator(CurvatureOperator):
                     if not _is_missing_autodiff_rule(err):
                         raise
                     loop_error = err
-                seconds[name] = f"failed: {_first_line(err)[:120]}"
+                seconds[name] = f"failed: {first_line(err)[:120]}"
                 continue
             extra_bytes[name], timed_columns[name] = peak_memory_extra(device, start), sampled
             if reference is None and name == "double_backward_loop":
@@ -1070,7 +1073,7 @@ def _product_error(op: CurvatureOperator, err: BaseException) -> CurvatureProduc
         fixes.append("the Hessian with engine='finite_difference' needs first derivatives only")
     fixes.append("or replace the module by one built from differentiable torch ops")
     return CurvatureProductError(
-        f"{type(op).__name__} product failed (engine {engine!r}) in {where}: {_first_line(err)}; "
+        f"{type(op).__name__} product failed (engine {engine!r}) in {where}: {first_line(err)}; "
         f"{'; '.join(fixes)}."
     )
 

@@ -38,7 +38,7 @@ from curvscope.curvature._attention import (
 )
 from curvscope.curvature._input_checks import check_not_meta, check_target_shape
 from curvscope.curvature._losses import ModelOutputLoss, TokenCrossEntropyLoss, count_loss_terms
-from curvscope.curvature._nested import _map_tensors, _tensors, default_batch_size_fn
+from curvscope.curvature._nested import default_batch_size_fn, map_tensors, tensors_of
 from curvscope.curvature._param_space import ParamSpace, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -330,13 +330,13 @@ class Problem:
             def take(t: Tensor) -> Tensor:
                 return t.index_select(0, keep.to(t.device)) if t.ndim and t.shape[0] == n else t
 
-            inputs, target = _map_tensors(inputs, take), _map_tensors(target, take)
+            inputs, target = map_tensors(inputs, take), map_tensors(target, take)
         if self.move_batches:
             def move(t: Tensor) -> Tensor:
                 dtype = self.dtype if t.is_floating_point() else t.dtype
                 return t.to(device=self.device, dtype=dtype)
 
-            inputs, target = _map_tensors(inputs, move), _map_tensors(target, move)
+            inputs, target = map_tensors(inputs, move), map_tensors(target, move)
         return inputs, target
 
     def _raw_batches(self) -> Iterator[tuple[Any, Any]]:
@@ -416,7 +416,7 @@ class Problem:
             def take(t: Tensor) -> Tensor:
                 return t[sl] if t.ndim and t.shape[0] == first else t
 
-            return _map_tensors(batch.inputs, take), _map_tensors(batch.target, take)
+            return map_tensors(batch.inputs, take), map_tensors(batch.target, take)
 
         halves = []
         for sl in (slice(0, cut), slice(cut, first)):
@@ -428,7 +428,7 @@ class Problem:
 
     def _check_placement(self, inputs: Any, target: Any, index: int) -> None:
         for where, obj in (("inputs", inputs), ("target", target)):
-            for t in _tensors(obj):
+            for t in tensors_of(obj):
                 if t.device != self.device:
                     raise ValueError(
                         f"batch {index}: the {where} are on {t.device} but the model's parameters "
@@ -563,7 +563,7 @@ class Problem:
             except RuntimeError as err:
                 raise ValueError(
                     f"the model failed on the first batch (inputs {_describe(batch.inputs)}): "
-                    f"{_first_line(err)}; check that batch_fn returns (inputs, target) in the "
+                    f"{first_line(err)}; check that batch_fn returns (inputs, target) in the "
                     "form the model's forward expects."
                 ) from err
             check_target_shape(self.loss_fn, output, batch.target)
@@ -572,7 +572,7 @@ class Problem:
             except (RuntimeError, ValueError, IndexError) as err:
                 raise ValueError(
                     f"the loss failed on the first batch (output {_describe(output)}, target "
-                    f"{_describe(batch.target)}): {_first_line(err)}; check that loss_fn fits the "
+                    f"{_describe(batch.target)}): {first_line(err)}; check that loss_fn fits the "
                     "model's output and the targets."
                 ) from err
             if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -693,12 +693,12 @@ def _loss_terms_counter(loss_fn: Callable[..., Any], model: nn.Module) -> Callab
 
 
 def _first_dim(target: Any) -> int | None:
-    for t in _tensors(target):
+    for t in tensors_of(target):
         return int(t.shape[0]) if t.ndim else None
     return None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 

@@ -1,6 +1,5 @@
 """Stochastic estimators: traces, diagonals, Frobenius norms and spectral densities (SLQ)."""
 
-from curvscope.estimators._probes import random_probes
 from curvscope.estimators.diagonal import DiagonalEstimate, hutchinson_diagonal, xdiag
 from curvscope.estimators.slq import SpectralDensity, slq
 from curvscope.estimators.trace import (
@@ -11,6 +10,7 @@ from curvscope.estimators.trace import (
     hutchpp_trace,
     xtrace,
 )
+from curvscope.linops._probes import random_probes
 
 __all__ = [
     "DiagonalEstimate",

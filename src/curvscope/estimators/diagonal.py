@@ -17,12 +17,12 @@ from torch import Tensor
 
 from curvscope._diagnostics import Cost, Counted
 from curvscope.estimators.trace import (
-    _check_blocks,
-    _num_test_vectors,
-    _validate,
+    check_blocks,
     leave_one_out_directions,
+    num_test_vectors,
     orthonormal_basis,
     probes_for,
+    validate_trace_input,
 )
 from curvscope.linops._base import LinearOperator
 
@@ -60,7 +60,7 @@ class DiagonalEstimate:
             TypeError: ``blocks`` is not a mapping of slices.
             ValueError: a slice has a step other than 1 or lies outside ``[0, n]``.
         """
-        ranges = _check_blocks(blocks, self.diagonal.numel(), "block_sums")
+        ranges = check_blocks(blocks, self.diagonal.numel(), "block_sums")
         if not ranges:
             return {}
         sums = torch.stack([self.diagonal[a:b].sum() for a, b in ranges.values()])
@@ -142,7 +142,7 @@ def hutchinson_diagonal(
         18(3).
     """
     who = "hutchinson_diagonal"
-    A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
+    A, m, block_size = validate_trace_input(A, num_matvecs, 1, who, distribution, block_size, generator)
     counted = Counted(A)
     Z = probes_for(A, m, distribution, generator)
     return _estimate(Z * counted.matmat_blocked(Z, block_size), "hutchinson", counted)
@@ -201,13 +201,13 @@ def xdiag(
         arXiv:2201.10684 (Diag++).
     """
     who = "xdiag"
-    A, m, block_size = _validate(A, num_matvecs, 2, who, "rademacher", block_size, generator,
+    A, m, block_size = validate_trace_input(A, num_matvecs, 2, who, "rademacher", block_size, generator,
                                  "two products per test vector")
     if not A.is_symmetric:
         raise ValueError(f"{who} needs a symmetric operator; got tags {sorted(A.tags) or '{}'}. "
                          "If the matrix is symmetric, build it as DenseOperator(M, "
                          "tags={'symmetric'}); otherwise use hutchinson_diagonal.")
-    k = _num_test_vectors(m, A.shape[0], who)
+    k = num_test_vectors(m, A.shape[0], who)
     counted = Counted(A)
     Omega = probes_for(A, k, "rademacher", generator)
     Y = counted.matmat_blocked(Omega, block_size)

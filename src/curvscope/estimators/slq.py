@@ -37,8 +37,10 @@ from torch import Tensor
 
 from curvscope._diagnostics import Cost
 from curvscope.linops._base import SYMMETRIC, LinearOperator
+from curvscope.linops._checks import check_symmetric
+from curvscope.linops._orthogonal import cgs2
 from curvscope.solvers._results import EigenResult
-from curvscope.solvers.lanczos import cgs2, check_symmetric, lanczos, start_vectors
+from curvscope.solvers.lanczos import lanczos, start_vectors
 
 DEFAULT_KAPPA = 3.0
 DEFAULT_MARGIN = 0.05
@@ -264,6 +266,9 @@ class _ComplementOperator(LinearOperator):
     def __init__(self, A: LinearOperator, V: Tensor) -> None:
         super().__init__(A.shape, dtype=A.dtype, device=A.device, tags={SYMMETRIC})
         self.A, self.V = A, V
+
+    def children(self) -> tuple[LinearOperator, ...]:
+        return (self.A,)
 
     def project(self, X: Tensor) -> Tensor:
         return cgs2(X, self.V)

@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 from curvscope._diagnostics import Cost, Counted
-from curvscope.estimators._probes import DISTRIBUTIONS, check_generator, random_probes
 from curvscope.estimators.stats import student_t_quantile
 from curvscope.linops._base import LinearOperator
+from curvscope.linops._checks import check_square_operator
+from curvscope.linops._probes import DISTRIBUTIONS, check_generator, random_probes
 
 logger = logging.getLogger(__name__)
 
@@ -99,22 +100,6 @@ class TraceEstimate:
 
 
 # --------------------------------------------------------------------------- validation helpers
-def check_square_operator(A: object, who: str) -> LinearOperator:
-    """Return ``A`` if it is a non-empty square :class:`LinearOperator`; raise otherwise."""
-    if not isinstance(A, LinearOperator):
-        raise TypeError(
-            f"{who} needs a curvscope LinearOperator, got {type(A).__name__}; wrap a matrix with "
-            "curvscope.linops.DenseOperator(M)."
-        )
-    m, n = A.shape
-    if m != n:
-        raise ValueError(f"{who} needs a square operator, got shape {A.shape}; a trace or a "
-                         "diagonal is only defined for square matrices.")
-    if n < 1:
-        raise ValueError(f"{who} needs a non-empty operator, got shape {A.shape}.")
-    return A
-
-
 def check_num_matvecs(num_matvecs: object, minimum: int, who: str, why: str = "") -> int:
     """Return ``num_matvecs`` as an int ``>= minimum``; ``TypeError``/``ValueError`` otherwise."""
     if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, Integral):
@@ -173,7 +158,7 @@ def orthonormal_basis(Y: Tensor) -> tuple[Tensor, Tensor]:
     return Q.to(Y.dtype), R.to(Y.dtype)
 
 
-def _validate(A: object, num_matvecs: object, minimum: int, who: str, distribution: object,
+def validate_trace_input(A: object, num_matvecs: object, minimum: int, who: str, distribution: object,
               block_size: object, generator: object,
               why: str = "") -> tuple[LinearOperator, int, int | None]:
     """Common argument checks, before any product is spent."""
@@ -234,7 +219,7 @@ def hutchinson_trace(
         Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18(3).
     """
     who = "hutchinson_trace"
-    A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
+    A, m, block_size = validate_trace_input(A, num_matvecs, 1, who, distribution, block_size, generator)
     counted = Counted(A)
     Z = probes_for(A, m, distribution, generator)
     samples = (Z * counted.matmat_blocked(Z, block_size)).sum(0)
@@ -283,7 +268,7 @@ def hutchinson_frobenius(
         arXiv:2010.09649 (Frobenius estimates from ``||A z||^2``).
     """
     who = "hutchinson_frobenius"
-    A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
+    A, m, block_size = validate_trace_input(A, num_matvecs, 1, who, distribution, block_size, generator)
     counted = Counted(A)
     AZ = counted.matmat_blocked(probes_for(A, m, distribution, generator), block_size)
     return _estimate((AZ * AZ).sum(0), "frobenius_squared", counted)
@@ -340,8 +325,8 @@ def hutchinson_block_traces(
         Networks Through the Lens of the Hessian", arXiv:1912.07145.
     """
     who = "hutchinson_block_traces"
-    A, m, block_size = _validate(A, num_matvecs, 1, who, distribution, block_size, generator)
-    ranges = _check_blocks(blocks, A.shape[0], who)
+    A, m, block_size = validate_trace_input(A, num_matvecs, 1, who, distribution, block_size, generator)
+    ranges = check_blocks(blocks, A.shape[0], who)
     counted = Counted(A)
     Z = probes_for(A, m, distribution, generator)
     prods = Z * counted.matmat_blocked(Z, block_size)
@@ -354,7 +339,7 @@ def hutchinson_block_traces(
     return out
 
 
-def _check_blocks(blocks: object, n: int, who: str) -> dict[str, tuple[int, int]]:
+def check_blocks(blocks: object, n: int, who: str) -> dict[str, tuple[int, int]]:
     """``{name: (start, stop)}`` from a mapping of unit-step slices inside ``[0, n]``."""
     if not isinstance(blocks, Mapping):
         raise TypeError(f"{who}: blocks must be a mapping {{name: slice}} (e.g. "
@@ -425,7 +410,7 @@ def hutchpp_trace(
         Trace Estimation", SOSA 2021, arXiv:2010.09649 (Algorithm 1).
     """
     who = "hutchpp_trace"
-    A, m, block_size = _validate(A, num_matvecs, 3, who, distribution, block_size, generator,
+    A, m, block_size = validate_trace_input(A, num_matvecs, 3, who, distribution, block_size, generator,
                                  "one sketch vector, one product with its basis, one probe")
     counted = Counted(A)
     s = min(math.ceil(m / 3), (m - 1) // 2)
@@ -522,9 +507,9 @@ def xtrace(
         (Section 2; improved test vectors as in the authors' ``xtrace_helper.m``).
     """
     who = "xtrace"
-    A, m, block_size = _validate(A, num_matvecs, 2, who, distribution, block_size, generator,
+    A, m, block_size = validate_trace_input(A, num_matvecs, 2, who, distribution, block_size, generator,
                                  "two products per test vector")
-    k = _num_test_vectors(m, A.shape[0], who)
+    k = num_test_vectors(m, A.shape[0], who)
     counted = Counted(A)
     Omega = probes_for(A, k, distribution, generator)
     Y = counted.matmat_blocked(Omega, block_size)
@@ -543,7 +528,7 @@ def xtrace(
     return _estimate(samples, "xtrace", counted)
 
 
-def _num_test_vectors(m: int, n: int, who: str) -> int:
+def num_test_vectors(m: int, n: int, who: str) -> int:
     """``k = floor(m/2)`` test vectors, at most ``n``."""
     k = m // 2
     if k > n:

@@ -77,6 +77,15 @@ class LinearOperator:
         """Return ``A @ X`` for ``X`` of shape ``[n, k]`` (validated); subclasses implement it."""
         raise NotImplementedError
 
+    def children(self) -> tuple[LinearOperator, ...]:
+        """The operators this one multiplies through (none for a leaf).
+
+        The cost accounting (:class:`~curvscope._diagnostics.Counted`) walks them to find the
+        Problems whose data passes a product makes, and checkpoints to find the product kernels
+        ``engine="auto"`` chose; an operator built on others overrides this.
+        """
+        return ()
+
     # ----------------------------------------------------------------- properties
     @property
     def is_symmetric(self) -> bool:
@@ -310,6 +319,9 @@ class SumOperator(LinearOperator):
         self.operators = flat_ops
         self.coefficients = flat_coefs
 
+    def children(self) -> tuple[LinearOperator, ...]:
+        return tuple(self.operators)
+
     def _matmat(self, X: Tensor) -> Tensor:
         out: Tensor | None = None
         for op, c in zip(self.operators, self.coefficients):
@@ -328,6 +340,9 @@ class ProductOperator(LinearOperator):
         _check_compatible([A, B])
         super().__init__((A.shape[0], B.shape[1]), dtype=A.dtype, device=A.device)
         self.A, self.B = A, B
+
+    def children(self) -> tuple[LinearOperator, ...]:
+        return (self.A, self.B)
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.A @ (self.B @ X)

@@ -42,6 +42,9 @@ class RestrictedOperator(LinearOperator):
         r = self.index.numel()
         super().__init__((r, r), dtype=A.dtype, device=A.device, tags=A.tags)
 
+    def children(self) -> tuple[LinearOperator, ...]:
+        return (self.A,)
+
     def _matmat(self, X: Tensor) -> Tensor:
         full = X.new_zeros(self.A.shape[1], X.shape[1])
         full[self.index] = X

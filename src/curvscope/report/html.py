@@ -134,7 +134,10 @@ def _num(x: Any, digits: int = 4) -> str:
 
 
 def _pm(d: Any) -> tuple[str, str]:
-    """``(value, error)`` cells of ``{"value", "std_error"}`` / ``{"value", "residual_norm"}``."""
+    """``(value, error)`` cells of ``{"value", "std_error"}`` / ``{"value", "residual_norm"}``; a
+    value with an error bar is rounded to the digit the bar resolves
+    (:mod:`curvscope.analysis.formatting`).
+    """
     if not isinstance(d, Mapping):
         return _num(d), ""
     if d.get("exact"):
@@ -142,6 +145,9 @@ def _pm(d: Any) -> tuple[str, str]:
     if d.get("interval_95") is not None and isinstance(d.get("value"), float):
         value, err = rounded_to_error(d["value"], d["interval_95"])
         return value, f"± {err} (95%)"
+    if d.get("std_error") is not None and isinstance(d.get("value"), float):
+        value, err = rounded_to_error(d["value"], d["std_error"])
+        return value, (f"± {err}" if err else "")
     err = d.get("std_error", d.get("residual_norm"))
     label = "± " if "std_error" in d else "residual "
     return _num(d.get("value")), ("" if err is None else label + _num(err, 2))

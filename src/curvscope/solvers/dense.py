@@ -22,8 +22,8 @@ from torch import Tensor
 
 from curvscope._diagnostics import Cost, Counted
 from curvscope.linops._base import LinearOperator
+from curvscope.linops._checks import check_symmetric
 from curvscope.solvers._results import EigenResult
-from curvscope.solvers.lanczos import check_symmetric
 
 #: Columns per product when the dense matrix is formed (one data pass each).
 DENSE_BLOCK = 64

@@ -32,10 +32,11 @@ from torch import Tensor
 
 from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
-from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.linops._base import LinearOperator
+from curvscope.linops._checks import check_symmetric
+from curvscope.linops._orthogonal import cgs2, cgs2_checked
+from curvscope.linops._probes import check_generator, random_probes
 from curvscope.solvers._results import ConvergenceWarning, EigenResult
-from curvscope.solvers.lanczos import cgs2, cgs2_checked, check_symmetric
 
 WHICH = ("LA", "SA", "LM", "BE")
 #: Operators up to this size get a full basis by default (exact after one cycle).

@@ -37,28 +37,14 @@ from torch import Tensor
 from curvscope import distributed
 from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
-from curvscope.estimators._probes import check_generator, random_probes
 from curvscope.linops._base import LinearOperator
+from curvscope.linops._checks import check_symmetric
+from curvscope.linops._orthogonal import cancelled
+from curvscope.linops._probes import check_generator, random_probes
 from curvscope.solvers._results import LanczosResult
 
 REORTH = ("full", "partial", "none")
 BASIS = ("device", "host", "disk", "sharded", "none")
-
-
-def check_symmetric(A: object, who: str) -> None:
-    """Raise unless ``A`` is a square LinearOperator tagged symmetric."""
-    if not isinstance(A, LinearOperator):
-        raise TypeError(
-            f"{who} needs a curvscope LinearOperator, got {type(A).__name__}; wrap a matrix with "
-            "curvscope.linops.DenseOperator(M)."
-        )
-    if A.shape[0] != A.shape[1]:
-        raise ValueError(f"{who} needs a square operator, got shape {A.shape}.")
-    if not A.is_symmetric:
-        raise ValueError(
-            f"{who} needs a symmetric operator; got tags {sorted(A.tags) or '{}'}. If you know "
-            "the matrix is symmetric, build it as DenseOperator(M, tags={'symmetric'})."
-        )
 
 
 def start_vectors(A: LinearOperator, v0: Tensor | None, num_probes: int, distribution: str,
@@ -79,49 +65,6 @@ def start_vectors(A: LinearOperator, v0: Tensor | None, num_probes: int, distrib
     if not bool((V.norm(dim=0) > 0).all()):
         raise ValueError("v0 has a zero column; start vectors must be non-zero.")
     return V.to(dtype=A.dtype, device=A.device)
-
-
-def cgs2(X: Tensor, Q: Tensor, selective: bool = False) -> Tensor:
-    """``X - Q (Q^T X)``, twice (classical Gram-Schmidt, reiterated): ``X [n, k]`` made
-    orthogonal to the orthonormal columns of ``Q [n, j]`` to working precision. With
-    ``selective`` the second pass runs only when the first cancelled (:func:`_cancelled`).
-    """
-    if not selective:
-        if Q.shape[1] == 0:
-            return X
-        for _ in range(2):
-            X = X - Q @ inner_products(Q, X)
-        return X
-    return cgs2_checked(X, Q)[0]
-
-
-def inner_products(Q: Tensor, X: Tensor) -> Tensor:
-    """``Q^T X`` (``[j, b]``) for tall ``Q [n, j]``, ``X [n, b]``, computed as ``(X^T Q)^T``.
-
-    The same product up to rounding; on a CPU with MKL, ``Q.T @ X`` with a few columns in ``X``
-    takes a slow path: 26 vs 7 ms at ``n = 177k``, ``j = 30``, ``b = 2`` and 37 vs 6 ms at ``b = 8`` (one
-    thread), which made block eigsh spend 60 % of its time in Gram-Schmidt.
-    """
-    return (X.T @ Q).T
-
-
-def cgs2_checked(X: Tensor, Q: Tensor) -> tuple[Tensor, bool]:
-    """Selective CGS2 (DGKS): ``(X minus its part in span(Q), orthogonal)``.
-
-    The second pass runs only when the first cancelled; ``orthogonal`` is ``False`` when the
-    pass that ran last cancelled too, i.e. ``X`` was numerically inside ``span(Q)`` and what is
-    left is rounding, not orthogonal to ``Q`` relative to its own norm (Kahan's "twice is
-    enough" needs the second pass to keep its norm).
-    """
-    if Q.shape[1] == 0:
-        return X, True
-    before = X.norm(dim=0)
-    X = X - Q @ inner_products(Q, X)
-    if not _cancelled(X, before):
-        return X, True
-    before = X.norm(dim=0)
-    X = X - Q @ inner_products(Q, X)
-    return X, not _cancelled(X, before)
 
 
 #: Bytes of an off-device (host or disk) basis moved to the device at a time during CGS2.
@@ -170,7 +113,7 @@ def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None,
         pieces = [(s, Q[:, s : s + chunk]) for s in range(0, j, chunk)]
     before = W.norm(dim=0) if selective else None
     for second in (False, True):
-        if second and before is not None and not _cancelled(W, before):
+        if second and before is not None and not cancelled(W, before):
             break
         coeffs = torch.cat([_coefficients(Qc.to(W.device, non_blocking=True), W)
                             for _, Qc in pieces], 1)
@@ -180,16 +123,6 @@ def _project_out(W: Tensor, Q: Tensor, mask: Tensor | None = None,
             Qc = Qc.to(W.device, non_blocking=True)
             W = _subtract(W, Qc, coeffs[:, s : s + Qc.shape[1]])
     return W
-
-
-#: DGKS threshold: a Gram-Schmidt pass that keeps more than this fraction of a vector's norm
-#: left it orthogonal to working precision (Daniel et al. 1976; ARPACK uses 0.717).
-DGKS_ETA = 2**-0.5
-
-
-def _cancelled(W: Tensor, before: Tensor) -> bool:
-    """Whether some column of ``W`` lost more than ``1 - DGKS_ETA`` of its norm ``before``."""
-    return bool((W.norm(dim=0) < DGKS_ETA * before).any())
 
 
 def lanczos(

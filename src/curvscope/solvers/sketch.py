@@ -26,11 +26,11 @@ from torch import Tensor
 
 from curvscope._checkpoint import Checkpointer, generator_digest, tensor_digest
 from curvscope._diagnostics import Counted
-from curvscope.estimators._probes import check_generator, random_probes
+from curvscope.linops._checks import check_symmetric
+from curvscope.linops._probes import check_generator, random_probes
 from curvscope.solvers._results import EigenResult
 from curvscope.solvers._tall import STORAGE, TallMatrix, sync
 from curvscope.solvers.eigsh import WHICH, select
-from curvscope.solvers.lanczos import check_symmetric
 
 
 class _InPlaceProducts:

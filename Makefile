@@ -49,7 +49,7 @@ demo: $(STAMP)
 	$(VENV)/bin/curvscope demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"

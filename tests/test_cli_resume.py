@@ -142,10 +142,12 @@ def pinned(tmp_path_factory):
     return path, pin, root / "ref", int(count.read_text())
 
 
-def test_sigkill_at_each_stage_then_resume_equals_an_uninterrupted_run(pinned, tmp_path):
+def _kill_and_resume(pinned, tmp_path, fractions):
+    """Kill the run after each fraction of its loss calls, resume it, compare with the
+    uninterrupted run bitwise; returns the sets of stages done at the kills."""
     path, pin, ref, calls = pinned
     stages_seen = set()
-    for i, frac in enumerate((0.05, 0.25, 0.5, 0.7, 0.9, 0.98)):
+    for i, frac in enumerate(fractions):
         out = tmp_path / f"killed{i}"
         killed = _curvscope(path, out, "--method", "iterative",
                             env={"PIN": str(pin), "KILL_AT": str(max(1, int(frac * calls)))})
@@ -167,6 +169,18 @@ def test_sigkill_at_each_stage_then_resume_equals_an_uninterrupted_run(pinned, t
         assert _numbers(ref) == _numbers(out)
         # a finished run leaves no stages and no partial results behind
         assert not (out / "stages").exists() and not (out / "partial.json").exists()
+    return stages_seen
+
+
+def test_sigkill_early_midway_and_late_then_resume_equals_an_uninterrupted_run(pinned, tmp_path):
+    stages_seen = _kill_and_resume(pinned, tmp_path, (0.05, 0.5, 0.98))
+    # before the first stage finished, inside the run, and in the last stage
+    assert len(stages_seen) == 3, stages_seen
+
+
+@pytest.mark.slow
+def test_sigkill_at_each_stage_then_resume_equals_an_uninterrupted_run(pinned, tmp_path):
+    stages_seen = _kill_and_resume(pinned, tmp_path, (0.05, 0.25, 0.5, 0.7, 0.9, 0.98))
     # the kills fell into different stages (before the first one, inside, and late)
     assert len(stages_seen) >= 4, stages_seen
 

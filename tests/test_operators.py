@@ -110,6 +110,24 @@ def test_residual_is_hessian_minus_ggn(case):
     assert R.is_symmetric and not R.is_psd
 
 
+@pytest.mark.parametrize("case", ["mlp-ce-mean", "mlp-bce-mean", "cnn-bn", "hf-dict"])
+@pytest.mark.parametrize("engine", [*cs.curvature._operators.EXACT_HESSIAN_ENGINES,
+                                    "finite_difference"])
+def test_residual_with_every_engine_is_hessian_minus_ggn(case, engine):
+    """The residual is the Hessian of the loss linearised in the output: every Hessian engine
+    gives H - G (finite differences to their own accuracy), in one product per column."""
+    tp = CASES[case]()
+    args = _dense_args(tp)
+    expected = dense_hessian(*args, reduction=tp.reduction) - dense_ggn(*args, reduction=tp.reduction)
+    R = cs.ResidualOperator(_problem(tp), engine=engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cs.EngineFallbackWarning)
+        dense = R.to_dense()
+    assert rel_err(dense, expected) < (1e-6 if engine == "finite_difference" else RTOL * 10)
+    P = expected.shape[0]
+    assert R.num_matvecs == P and R.num_data_passes == 1
+
+
 def test_residual_vanishes_for_a_linear_model():
     """A linear model's outputs are linear in theta: the residual H - G is exactly zero."""
     tp = tiny_mlp("classification")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeGuard, cast
@@ -338,6 +339,60 @@ class CurvatureOperator(LinearOperator):
     def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    #: name of this operator in :attr:`Problem.engine_choices` keys (default: the class name)
+    _choice_name = ""
+
+    def _choice_key(self, k: int) -> str:
+        return choice_key(self._choice_name or type(self).__name__, tuple(self.param_space.names),
+                          tuple(self.problem.param_space.names), self.problem.dtype,
+                          self.problem.device, k)
+
+    def measured_seconds_per_column(self, k: int) -> float | None:
+        """Seconds per column of a ``k``-column product, measured once per column bucket.
+
+        A product of ``k`` random columns on the first batch, timed on its second run (the
+        first pays one-time costs), averaged over the ranks so that every rank makes the same
+        choice from it; kept in :attr:`Problem.engine_choices` (hence in every result's
+        ``cost.engines`` and every checkpoint, so a resumed solver makes the same choice).
+        Solvers use it to choose the shape of their products (e.g. :func:`eigsh`'s block).
+        """
+        key = self._choice_key(k)
+        if key not in self.problem.engine_choices:
+            self._product_on_first_batch(k)
+            seconds = self._product_on_first_batch(k) / k
+            mean = agreed_seconds({"products": seconds}, self.device)["products"]
+            self.problem.engine_choices[key] = {
+                "engine": "products", "seconds_per_column": {"products": seconds},
+                "columns": k, "mean_seconds_per_column": mean,
+                "examples": next(iter(self.problem.batches())).size}
+        value = self.problem.engine_choices[key].get("mean_seconds_per_column")
+        return value if isinstance(value, float) else None
+
+    def _product_on_first_batch(self, k: int) -> float:
+        """Seconds of this operator's product with ``k`` seeded random columns on the first
+        batch only (the product is discarded).
+        """
+        gen = torch.Generator(device="cpu").manual_seed(20240902)
+        X = torch.randn(self.shape[0], k, generator=gen, dtype=torch.float64)
+        Xp = X.to(device=self.device, dtype=self.problem.dtype)
+        out = torch.zeros(Xp.shape, dtype=self.dtype, device=self.device)
+        all_params = self.problem.parameters()
+        params = {n: all_params[n] for n in self.param_space.names}
+        frozen = self.problem.frozen_parameters(params)
+        kernels = self._kernels()
+        second_order = any(op._second_order for _, op in kernels)
+        t0 = time.perf_counter()
+        with self.problem.model_context(), torch.enable_grad(), \
+                self.problem.product_context(second_order):
+            for _, op in kernels:
+                op._begin_product(Xp)
+            for batch in self.problem.batches():
+                self._accumulate_batch(batch, params, frozen, kernels, Xp, out)
+                break
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        return time.perf_counter() - t0
+
     def _correction(self, X: Tensor) -> Tensor | None:
         """A data-independent term added after the pass (``None``: nothing)."""
         return None
@@ -591,32 +646,14 @@ class HessianOperator(CurvatureOperator):
             return None
         key = self._choice_key(k)
         if key not in self.problem.engine_choices:
-            self._trial_on_first_batch(k)
+            self._product_on_first_batch(k)  # the trial records the choice
         record = self.problem.engine_choices.get(key)
         if record is None:
             return None
         value = record.get("mean_seconds_per_column")  # the same on every rank
         return value if isinstance(value, float) else None
 
-    def _trial_on_first_batch(self, k: int) -> None:
-        gen = torch.Generator(device="cpu").manual_seed(20240902)
-        X = torch.randn(self.shape[0], k, generator=gen, dtype=torch.float64)
-        Xp = X.to(device=self.device, dtype=self.problem.dtype)
-        out = torch.zeros(Xp.shape, dtype=self.dtype, device=self.device)
-        all_params = self.problem.parameters()
-        params = {n: all_params[n] for n in self.param_space.names}
-        frozen = self.problem.frozen_parameters(params)
-        with self.problem.model_context(), torch.enable_grad(), \
-                self.problem.product_context(True):
-            self._begin_product(Xp)
-            for batch in self.problem.batches():
-                self._accumulate_batch(batch, params, frozen, [(1.0, self)], Xp, out)
-                break
-
-    def _choice_key(self, k: int) -> str:
-        return choice_key("hessian", tuple(self.param_space.names),
-                          tuple(self.problem.param_space.names), self.problem.dtype,
-                          self.problem.device, k)
+    _choice_name = "hessian"
 
     def _kernel(self, name: str, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         """One of :data:`HESSIAN_KERNELS`, with the usual fallbacks on a missing autodiff rule."""
@@ -878,9 +915,12 @@ class HessianOperator(CurvatureOperator):
                     for j in range(k)]
             return {n: torch.stack([c[i].detach() for c in cols]) for i, n in enumerate(names)}
         try:
-            res = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs=tangents,
-                                      retain_graph=True, allow_unused=True,
-                                      materialize_grads=True, is_grads_batched=True)
+            # a parameter the gradient does not depend on (e.g. the last bias for a loss linear
+            # in the output) gets None here, not a batched zero
+            found = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs=tangents,
+                                        retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+            res = [torch.zeros_like(V[n]) if r is None else r for n, r in zip(names, found)]
         except RuntimeError:  # an op without a batching rule: one backward per column
             if not batched_fallback:
                 raise
@@ -902,6 +942,7 @@ class GGNOperator(CurvatureOperator):
 
     _tags = frozenset({SYMMETRIC, PSD})
     _needs_loss_of_outputs = True
+    _choice_name = "ggn"
 
     def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
         z, _ = ctx.linearization()
@@ -1078,18 +1119,64 @@ def _product_error(op: CurvatureOperator, err: BaseException) -> CurvatureProduc
     )
 
 
-def ResidualOperator(problem: Problem, *, params: Any = None,  # noqa: N802 - reads as a class
-                     engine: str = "auto",
-                     chunk_size: int | None = None) -> CurvatureOperator:
+class _LinearizedLossContext(_BatchContext):
+    """A batch seen through its loss linearised in the model output.
+
+    ``l_res(theta) = w_b <r_b, z_b(theta)>`` with ``r_b = d l_b / d z`` at the current
+    parameters, held fixed. Its gradient is the batch's gradient at ``theta`` and its Hessian is
+    Papyan's residual: ``nabla^2 l_res = w_b sum_ik r_ik nabla^2 z_ik = H_b - G_b`` (the Gauss-Newton
+    term ``J^T H_l J`` needs the loss to be curved in ``z``; a linear function of ``z`` has none).
+    Every Hessian kernel applies to it unchanged, with a cache of its own (the double-backward
+    graph of ``l_res`` is not the Hessian's).
+    """
+
+    def __init__(self, parent: _BatchContext) -> None:
+        self.parent = parent
+        self.problem, self.batch, self.params = parent.problem, parent.batch, parent.params
+        self.frozen, self.problem_flags = parent.frozen, parent.problem_flags
+        self.cache = {}
+        with torch.no_grad():
+            z = self.output(parent.params)
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (r,) = torch.autograd.grad(self.problem.batch_loss(z, self.batch.target), z)
+        self.residual_weights = r.detach()
+
+    @property
+    def columns(self) -> slice:
+        """The parent's: the product's column chunk is set on the batch's context."""
+        return self.parent.columns
+
+    @columns.setter
+    def columns(self, value: slice) -> None:
+        self.parent.columns = value
+
+    def loss(self, params: dict[str, Tensor]) -> Tensor:
+        """``w_b <r_b, z_b(theta)>``."""
+        return self.batch.weight * (self.residual_weights * self.output(params)).sum()
+
+
+class ResidualOperator(HessianOperator):
     """Papyan's residual ``H_res = H - G`` (Hessian minus Gauss-Newton), exactly, in one pass.
 
     .. math:: H_{res} = \\sum_b w_b \\sum_i \\sum_k (\\partial l_b / \\partial z_{ik})
               \\nabla^2_\\theta z_{ik}
 
+    computed as the Hessian of the loss linearised in the output, ``w_b <r_b, z_b(theta)>`` with
+    ``r_b = d l_b / d z`` fixed (:class:`_LinearizedLossContext`): one Hessian product per
+    column, with the same engines, choice and fallbacks as :class:`HessianOperator` (``engine``,
+    ``chunk_size``, ``richardson`` as there), instead of a Hessian and a Gauss-Newton product.
+    The loss must be a function of the model's output (as for :class:`GGNOperator`).
+
     References:
         V. Papyan, "The full spectrum of deepnet Hessians at scale", 2018 (arXiv:1811.07062).
     """
-    H = HessianOperator(problem, params=params, engine=engine, chunk_size=chunk_size)
-    G = GGNOperator(problem, params=params, chunk_size=chunk_size)
-    # what ``H - G`` builds: both act on the same Problem and block
-    return CombinedCurvatureOperator([(1.0, H), (-1.0, G)])
+
+    _needs_loss_of_outputs = True
+
+    def _batch_product(self, ctx: _BatchContext, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "linearized_loss" not in ctx.cache:
+            ctx.cache["linearized_loss"] = _LinearizedLossContext(ctx)
+        return super()._batch_product(ctx.cache["linearized_loss"], V)
+
+    _choice_name = "residual"

@@ -268,6 +268,38 @@ def test_deflation_reduces_the_trace_error_bar():
     assert se_bulk < se_full / 2
 
 
+def test_the_whole_density_from_the_bulk_and_the_deflated_outliers():
+    """``with_deflated``: spec(A) = spec(bulk) + the outliers, so one deflated run gives the
+    whole density: the trace within the bulk's error bar, the outliers' mass exactly ``r / n``,
+    the same quadrature width as the bulk's, and a smaller error bar than an undeflated run."""
+    out, bulk = _outliers_and_bulk(-1.0, 1.0)
+    lam = torch.cat([out, bulk])
+    A = PlantedOperator(lam, seed=17)
+    top = eigsh(A, 4, which="LM", generator=gen(18))
+    d = slq(A, 10, 30, deflate=top, generator=gen(20))
+    whole = d.with_deflated()
+    assert whole.dimension == 2000 and whole.deflated.numel() == 0
+    assert whole.known_eigenvalues == 4 and whole.num_iters == d.num_iters == 30
+    torch.testing.assert_close(whole.weights.sum(1), torch.ones(10, dtype=F64))
+    tr, se = whole.trace_function(lambda t: t)
+    tr_bulk, se_bulk = d.trace_function(lambda t: t)
+    assert tr == pytest.approx(tr_bulk + float(top.eigenvalues.sum()), abs=1e-9)
+    assert se == pytest.approx(se_bulk, rel=1e-12)  # the outliers add no variance
+    assert abs(tr - float(lam.sum())) <= 4 * se
+    _, se_undeflated = slq(A, 10, 30, generator=gen(20)).trace_function(lambda t: t)
+    assert se < se_undeflated / 2
+    # the mass above the bulk is the outliers' 3 / n, exactly; the negative outlier is counted
+    above = (whole.weights * (whole.nodes > 5)).sum(1)
+    torch.testing.assert_close(above, torch.full((10,), 3 / 2000, dtype=F64))
+    frac, _ = whole.negative_fraction(threshold=5.0)
+    assert frac == pytest.approx(1 / 2000, abs=1e-15)
+    assert whole.bounds[1] == pytest.approx(50.0) and whole.bounds[0] == pytest.approx(-10.0)
+    assert whole.default_sigma() == pytest.approx(
+        (whole.bounds[1] - whole.bounds[0]) * 1.1 / 2 * (2 / 29) / math.sqrt(8 * math.log(3)))
+    assert whole.with_deflated() is whole  # nothing left to put back
+    assert slq(A, 2, 5, generator=gen(1)).with_deflated().known_eigenvalues == 0
+
+
 # ----------------------------------------------------------------------------- tiny networks
 def _w1_over_width(d, eigenvalues):
     """Wasserstein-1 distance between the SLQ measure and the exact spectrum, as a fraction of

@@ -344,10 +344,11 @@ EXACT_MAX_PARAMS = 3000
 def planned_split(num_probes: int, num_iters: int, k: int, bottom_k: int,
                   papyan: bool) -> tuple[int, int]:
     """Product columns the iterative analysis is expected to take, ``(densities, solves)``:
-    ``p x m`` per SLQ density (H, the deflated bulk, and with ``papyan`` G and H - G), and about
-    ``4 k + 20`` per eigsh (top of H, top of G) plus ``4 bottom_k + 20`` for the bottom of H.
+    ``p x m`` per SLQ density (H's bulk, from which H's density follows, and with ``papyan`` G
+    and H - G), and about ``4 k + 20`` per eigsh (top of H, top of G) plus ``4 bottom_k + 20``
+    for the bottom of H.
     """
-    densities = 4 if papyan else 2
+    densities = 3 if papyan else 1
     solves = (4 * k + 20) * (2 if papyan else 1) + 4 * bottom_k + 20
     return densities * num_probes * num_iters, solves
 
@@ -496,16 +497,19 @@ def _iterative_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool, nu
     bottom = low["result"]
     notes += low["notes"]
     emit("bottom", bottom)
-    density = store.run("density", lambda inside: slq(H, num_probes, num_iters,
-                                                      generator=gen(3), checkpoint=inside))
-    emit("density", density)
     split0 = find_outliers(top.eigenvalues, threshold=outlier_threshold,
                            num_classes=num_classes)
     bulk_density = None
     if split0.count:
+        # one SLQ run of the bulk; H's density is the bulk's plus the outliers, exactly
         deflate = _first(top, split0.count)
         bulk_density = store.run("bulk_density", lambda inside: slq(
             H, num_probes, num_iters, deflate=deflate, generator=gen(4), checkpoint=inside))
+        density = bulk_density.with_deflated()
+    else:
+        density = store.run("density", lambda inside: slq(H, num_probes, num_iters,
+                                                          generator=gen(3), checkpoint=inside))
+    emit("density", density)
     out: dict[str, Any] = {
         "top": top, "bottom": bottom, "density": density, **notes_tol,
         "bulk_upper_bound": bulk_density.bounds[1] if bulk_density else None,

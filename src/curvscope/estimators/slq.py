@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class SpectralDensity:
         zero_tol: nodes within this distance of 0 count as zero, neither negative nor positive
             (``1e3 eps ||A||`` in the operator's precision: a null space's Ritz values are
             rounding noise of either sign).
+        exact: every eigenvalue, from a dense ``eigh`` (:meth:`from_eigenvalues`).
+        known_eigenvalues: the last ``r`` nodes of every probe are eigenvalues computed apart
+            (the deflated outliers put back by :meth:`with_deflated`), weight ``1/n`` each; the
+            first ``m`` are the quadrature's.
     """
 
     nodes: Tensor
@@ -72,6 +77,7 @@ class SpectralDensity:
     cost: Cost
     zero_tol: float = 0.0
     exact: bool = False
+    known_eigenvalues: int = 0
 
     @classmethod
     def from_eigenvalues(cls, eigenvalues: Tensor, cost: Cost, *, deflated: Tensor | None = None,
@@ -91,6 +97,34 @@ class SpectralDensity:
                    (float(lam[0]), float(lam[-1])), gone, "exact (dense eigh)", cost,
                    zero_tol=zero_tol, exact=True)
 
+    def with_deflated(self) -> SpectralDensity:
+        """The density of the whole operator from this density of its bulk and the deflated
+        eigenvalues.
+
+        The bulk is ``A`` on the orthogonal complement of ``r`` eigenvectors (dimension
+        ``n - r``), so ``spec(A) = spec(bulk) + {lambda_1 .. lambda_r}`` and, exactly,
+
+        .. math:: \\mu_A = \\tfrac{n - r}{n}\\,\\mu_{bulk}
+                  + \\tfrac{1}{n} \\sum_{i \\le r} \\delta_{\\lambda_i}
+
+        (up to the eigenpairs' residuals). Every probe gets the ``r`` eigenvalues as nodes of
+        weight ``1/n``: they add no variance, where an undeflated run would have to find each
+        outlier among its Ritz values. One SLQ run then gives both densities.
+        """
+        r = int(self.deflated.numel())
+        if r == 0:
+            return self
+        n = self.dimension + r
+        p = self.num_probes
+        lam = self.deflated.to(torch.float64).sort().values
+        nodes = torch.cat([self.nodes, lam.expand(p, r)], dim=1)
+        weights = torch.cat([self.weights * (self.dimension / n),
+                             torch.full((p, r), 1.0 / n, dtype=torch.float64)], dim=1)
+        bounds = (min(self.bounds[0], float(lam[0])), max(self.bounds[1], float(lam[-1])))
+        return dataclasses.replace(self, nodes=nodes, weights=weights, dimension=n, bounds=bounds,
+                                   deflated=torch.zeros(0, dtype=torch.float64),
+                                   known_eigenvalues=self.known_eigenvalues + r)
+
     def _negative(self) -> Tensor:
         return self.nodes < -self.zero_tol
 
@@ -107,8 +141,8 @@ class SpectralDensity:
 
     @property
     def num_iters(self) -> int:
-        """Lanczos steps ``m`` per probe."""
-        return int(self.nodes.shape[1])
+        """Lanczos steps ``m`` per probe (the quadrature's nodes, without known eigenvalues)."""
+        return int(self.nodes.shape[1]) - self.known_eigenvalues
 
     # ------------------------------------------------------------ density
     def default_sigma(self, scale: str = "linear", kappa: float = DEFAULT_KAPPA) -> float:
@@ -243,7 +277,8 @@ class SpectralDensity:
             "dimension": self.dimension, "bounds": list(self.bounds),
             "deflated": self.deflated.tolist(), "reorth": self.reorth,
             "num_probes": self.num_probes, "num_iters": self.num_iters,
-            "zero_tol": self.zero_tol, "exact": self.exact, **self.cost.to_dict(),
+            "zero_tol": self.zero_tol, "exact": self.exact,
+            "known_eigenvalues": self.known_eigenvalues, **self.cost.to_dict(),
         }
 
 

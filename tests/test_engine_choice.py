@@ -203,3 +203,49 @@ def test_problem_engine_choices_replay_a_run_without_trials(monkeypatch):
     monkeypatch.setattr(type(H2), "_engine_trial", lambda *a, **k: pytest.fail("a trial ran"))
     assert torch.equal(H2 @ X, before)
     assert replay.engine_choices[key]["engine"] == first.engine_choices[key]["engine"]
+
+
+@pytest.mark.parametrize("make", [cs.GGNOperator, cs.EmpiricalFisherOperator])
+def test_any_curvature_operator_measures_its_products_once_per_bucket(make):
+    """Operators without kernel trials time one product on the first batch; the figure is kept
+    in the Problem's choices (hence in results and checkpoints), and eigsh's block follows it."""
+    from curvscope.solvers.eigsh import CPU_BLOCK, default_block_size
+
+    problem = _problem("mlp")
+    G = make(problem)
+    one = G.measured_seconds_per_column(1)
+    record = problem.engine_choices[G._choice_key(1)]
+    assert one == record["mean_seconds_per_column"] > 0 and record["columns"] == 1
+    assert G._choice_key(1).split("[")[0] == (G._choice_name or type(G).__name__)
+    assert G.measured_seconds_per_column(1) == one  # cached: not timed again
+    assert G.num_matvecs == 0  # the timing products are not the operator's
+    for per_column, block in ((one / 2, CPU_BLOCK), (one, 1)):
+        problem.engine_choices[G._choice_key(CPU_BLOCK)] = {
+            **record, "columns": CPU_BLOCK, "mean_seconds_per_column": per_column}
+        assert default_block_size(G, 20) == block
+    assert all(key.split("[")[0] not in ("hessian", "residual") for key in problem.engine_choices)
+
+
+def test_an_interrupted_stage_gets_the_interrupted_runs_timings_back(tmp_path):
+    """A solver's in-stage checkpoint carries the timings it chose its block from: a resumed
+    stage puts them back before it starts, so the solver chooses the same block (and matches its
+    checkpoint) even though fresh timings could differ."""
+    from curvscope._checkpoint import Checkpointer
+    from curvscope._stages import StageStore
+
+    problem = _problem("mlp")
+    G = cs.GGNOperator(problem)
+    G.measured_seconds_per_column(1)
+    key = G._choice_key(1)
+    store = StageStore(tmp_path, {"run": 1}, G)
+    Checkpointer(store.inside("ggn_top"), 1, {"solver": "any"}, G).save({"step": 3})
+    fresh = _problem("mlp")  # the new process: no timings
+    seen = {}
+    resumed = StageStore(tmp_path, {"run": 1}, cs.GGNOperator(fresh))
+    resumed.run("ggn_top", lambda inside: seen.update(fresh.engine_choices))
+    assert seen[key] == problem.engine_choices[key]
+    # a stage with no interrupted checkpoint starts with the Problem as it is
+    other = _problem("mlp")
+    StageStore(tmp_path / "b", {"run": 2}, cs.GGNOperator(other)).run(
+        "ggn_top", lambda inside: seen.update(n=len(other.engine_choices)))
+    assert seen["n"] == 0

@@ -94,6 +94,40 @@ class Checkpointer:
         """The saved state of this run, or ``None`` when there is no checkpoint file."""
         if self.path is None or not self.path.exists():
             return None
+        header, payload = self._read()
+        if header.get("fingerprint") != self.fingerprint:
+            theirs, ours = header.get("fingerprint", {}), self.fingerprint
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise CheckpointMismatchError(
+                f"{self.path} belongs to another run (differs in {diff}); use another checkpoint "
+                "path, or delete it to start afresh."
+            )
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+        restore_engine_choices(self._problems, state.pop(ENGINE_KEY, None))
+        return state
+
+    def restore_choices(self) -> bool:
+        """Put the kernel choices and timings saved in the file back into the Problems, whatever
+        run the file's fingerprint names, without using its state.
+
+        For a caller that reads the fingerprint's ingredients from those timings: a solver that
+        picks the shape of its products from measured costs (:func:`~curvscope.eigsh`'s block)
+        makes the choice the interrupted run made, and then matches its checkpoint. ``False``
+        when there is no readable file.
+        """
+        if self.path is None or not self.path.is_file():
+            return False
+        try:
+            _, payload = self._read()
+            state = torch.load(io.BytesIO(payload), weights_only=True)
+        except CheckpointError:
+            return False
+        restore_engine_choices(self._problems, state.get(ENGINE_KEY))
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], bytes]:
+        """The file's header and payload, checked for damage and format version."""
+        assert self.path is not None
         raw = self.path.read_bytes()
         if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 8:
             raise CheckpointCorruptedError(f"{self.path} is not a curvscope checkpoint (bad header); "
@@ -112,16 +146,7 @@ class Checkpointer:
         if header.get("version") != VERSION:
             raise CheckpointMismatchError(f"{self.path}: checkpoint format {header.get('version')}, "
                                      f"this curvscope writes {VERSION}.")
-        if header.get("fingerprint") != self.fingerprint:
-            theirs, ours = header.get("fingerprint", {}), self.fingerprint
-            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise CheckpointMismatchError(
-                f"{self.path} belongs to another run (differs in {diff}); use another checkpoint "
-                "path, or delete it to start afresh."
-            )
-        state = torch.load(io.BytesIO(payload), weights_only=True)
-        restore_engine_choices(self._problems, state.pop(ENGINE_KEY, None))
-        return state
+        return header, payload
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (1-based count of steps done) is a save point."""

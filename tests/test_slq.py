@@ -297,6 +297,7 @@ def test_the_whole_density_from_the_bulk_and_the_deflated_outliers():
     assert whole.default_sigma() == pytest.approx(
         (whole.bounds[1] - whole.bounds[0]) * 1.1 / 2 * (2 / 29) / math.sqrt(8 * math.log(3)))
     assert whole.with_deflated() is whole  # nothing left to put back
+    assert whole.cost.num_matvecs == 0 < d.cost.num_matvecs  # the bulk run's products only
     assert slq(A, 2, 5, generator=gen(1)).with_deflated().known_eigenvalues == 0
 
 

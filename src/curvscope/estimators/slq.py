@@ -109,7 +109,8 @@ class SpectralDensity:
 
         (up to the eigenpairs' residuals). Every probe gets the ``r`` eigenvalues as nodes of
         weight ``1/n``: they add no variance, where an undeflated run would have to find each
-        outlier among its Ritz values. One SLQ run then gives both densities.
+        outlier among its Ritz values. One SLQ run then gives both densities; the whole density
+        costs no products of its own (its ``cost`` is zero: they are the bulk run's).
         """
         r = int(self.deflated.numel())
         if r == 0:
@@ -123,7 +124,8 @@ class SpectralDensity:
         bounds = (min(self.bounds[0], float(lam[0])), max(self.bounds[1], float(lam[-1])))
         return dataclasses.replace(self, nodes=nodes, weights=weights, dimension=n, bounds=bounds,
                                    deflated=torch.zeros(0, dtype=torch.float64),
-                                   known_eigenvalues=self.known_eigenvalues + r)
+                                   known_eigenvalues=self.known_eigenvalues + r,
+                                   cost=Cost(0, 0, 0, 0.0))
 
     def _negative(self) -> Tensor:
         return self.nodes < -self.zero_tol

@@ -506,19 +506,19 @@ def test_first_per_class_keeps_data_order(gm5):
 def test_sample_size_sweep(gm5):
     k = 8
     sweep = sample_size_sweep(gm5.model, gm5.loss_fn, gm5.batches, [10, 30, 100], k=k)
-    assert sweep["kind"] == "sample_size" and sweep["x"] == [10, 30, 100]
-    assert [len(r) for r in sweep["top_eigenvalues"]] == [k, k, k]
-    assert [len(r) for r in sweep["residual_norms"]] == [k, k, k]
+    assert sweep.kind == "sample_size" and sweep.x == [10, 30, 100]
+    assert [len(r) for r in sweep.top_eigenvalues] == [k, k, k]
+    assert [len(r) for r in sweep.residual_norms] == [k, k, k]
     # n = all examples per class: the full-data problem
     full = _top_eigs(cs.Problem(gm5.model, gm5.loss_fn, gm5.batches), k)
-    got = torch.tensor(sweep["top_eigenvalues"][-1], dtype=F64)
+    got = torch.tensor(sweep.top_eigenvalues[-1], dtype=F64)
     assert float(((got - full).abs() / full.abs()).max()) < 1e-6
     # n = 10: the first 10 examples of each class, selected here independently
     X = torch.cat([b[0] for b in gm5.batches])
     Y = torch.cat([b[1] for b in gm5.batches])
     idx = torch.cat([(Y == c).nonzero().squeeze(1)[:10] for c in range(5)])
     small = _top_eigs(cs.Problem(gm5.model, gm5.loss_fn, [(X[idx], Y[idx])]), k)
-    got10 = torch.tensor(sweep["top_eigenvalues"][0], dtype=F64)
+    got10 = torch.tensor(sweep.top_eigenvalues[0], dtype=F64)
     assert float(((got10 - small).abs() / small.abs()).max()) < 1e-6
 
 
@@ -535,13 +535,13 @@ def test_checkpoint_sweep_final_matches_and_model_untouched(gm5):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert all(p.grad is None for p in model.parameters())
-    assert sweep["kind"] == "checkpoints" and sweep["x"] == [c[0] for c in ckpts]
-    assert [len(r) for r in sweep["top_eigenvalues"]] == [k, k]
+    assert sweep.kind == "checkpoints" and sweep.x == [c[0] for c in ckpts]
+    assert [len(r) for r in sweep.top_eigenvalues] == [k, k]
     trained = _top_eigs(cs.Problem(model, gm5.loss_fn, gm5.batches), k)
-    got = torch.tensor(sweep["top_eigenvalues"][0], dtype=F64)
+    got = torch.tensor(sweep.top_eigenvalues[0], dtype=F64)
     assert float(((got - trained).abs() / trained.abs()).max()) < 1e-6
     # the initialisation's spectrum is a different one
-    init = torch.tensor(sweep["top_eigenvalues"][1], dtype=F64)
+    init = torch.tensor(sweep.top_eigenvalues[1], dtype=F64)
     assert float(((init - got).abs() / got.abs()).max()) > 1e-2
 
 

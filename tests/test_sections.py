@@ -45,8 +45,9 @@ def test_every_section_round_trips_and_renders(study):
     assert SWEEP_CAPTION in html
     for kind in ("train_vs_test", "mask_overlap"):
         assert SECTION_CAPTIONS[kind] in html
-    for section in bundle.extras.values():
-        for sentence in section["summary"]:
+    for name, section in bundle.extras.items():
+        assert section == s.extras[name]  # read back as its class, every field equal
+        for sentence in section.summary:
             assert sentence.replace("+-", "+-") in html.replace("&#x27;", "'"), sentence
     for caption in CAPTIONS.values():
         assert caption in html
@@ -59,14 +60,14 @@ def test_every_section_round_trips_and_renders(study):
 def test_the_checkpoint_sweep_is_a_plotted_sweep_with_its_numbers(study):
     zoo, _, s = study
     sweep = s.extras["checkpoints"]
-    assert is_sweep(sweep) and sweep["x_label"] == "training step"
-    assert sweep["x"] == [c[0] for c in zoo.checkpoints]
+    assert is_sweep(sweep) and sweep.x_label == "training step"
+    assert sweep.x == [c[0] for c in zoo.checkpoints]
     # the last checkpoint is the trained model: its top eigenvalues are the analysis's
-    last = torch.tensor(sweep["top_eigenvalues"][-1], dtype=torch.float64)
+    last = torch.tensor(sweep.top_eigenvalues[-1], dtype=torch.float64)
     top = s.analysis.top.eigenvalues[: last.numel()].to(torch.float64)
     assert float(((last - top).abs() / top.abs()).max()) < 1e-3
-    first, final = sweep["top_eigenvalues"][0][0], sweep["top_eigenvalues"][-1][0]
-    assert f"{final / first:.2f}x" in sweep["summary"][0]
+    first, final = sweep.top_eigenvalues[0][0], sweep.top_eigenvalues[-1][0]
+    assert f"{final / first:.2f}x" in sweep.summary[0]
 
 
 def test_train_vs_test_against_an_independent_analysis(study):
@@ -74,34 +75,34 @@ def test_train_vs_test_against_an_independent_analysis(study):
     section = s.extras["test"]
     test = analyze(cs.Problem(zoo.model, zoo.loss_fn, zoo.test_batches), k=8, budget="small",
                    seed=1, papyan=False, classes=False, bottom_k=1, exact=True)
-    want = test.top.eigenvalues[: section["k"]].to(torch.float64)
-    got = torch.tensor(section["test_top"], dtype=torch.float64)
+    want = test.top.eigenvalues[: section.k].to(torch.float64)
+    got = torch.tensor(section.test_top, dtype=torch.float64)
     assert float(((got - want).abs() / want.abs()).max()) < 1e-6
-    assert section["test_outliers"] == test.outliers.count
-    assert section["test_outlier_confidence"] == test.outliers.confidence
+    assert section.test_outliers == test.outliers.count
+    assert section.test_outlier_confidence == test.outliers.confidence
     told = f"{test.outliers.count} ({test.outliers.confidence}) on test" if test.outliers.count \
         else "0 on test"
-    assert told in section["summary"][0]
-    assert section["top_ratio"] == pytest.approx(float(want[0]) / section["train_top"][0])
+    assert told in section.summary[0]
+    assert section.top_ratio == pytest.approx(float(want[0]) / section.train_top[0])
     same = train_vs_test(s.analysis, s.analysis, 5)
-    assert same["top_ratio"] == 1.0 and same["train_top"] == same["test_top"]
+    assert same.top_ratio == 1.0 and same.train_top == same.test_top
 
 
 def test_mask_overlap_curve_against_a_direct_count(study):
     _, _, s = study
     section = s.extras["mask_overlap"]
     theta = s.problem.param_space.join(s.problem.parameters()).cpu()
-    U = s.analysis.top.eigenvectors[:, : section["k"]]
+    U = s.analysis.top.eigenvectors[:, : section.k]
     P = theta.numel()
-    assert section["num_params"] == P and section["mask_sizes"][-1] == round(P / 2)
-    for m, ov, chance in zip(section["mask_sizes"], section["overlap"], section["chance"]):
+    assert section.num_params == P and section.mask_sizes[-1] == round(P / 2)
+    for m, ov, chance in zip(section.mask_sizes, section.overlap, section.chance):
         idx = theta.abs().argsort(descending=True)[:m]
         assert ov == pytest.approx(float((U[idx] ** 2).sum()) / U.shape[1], rel=1e-9)
         assert chance == pytest.approx(m / P)
     # a mask of every parameter holds the whole space
     full = mask_overlap_curve(s.analysis, theta, points=2)
-    assert full["overlap"][-1] <= 1 + 1e-12
-    assert re.search(r"\d+% of its weight", section["summary"][0])
+    assert full.overlap[-1] <= 1 + 1e-12
+    assert re.search(r"\d+% of its weight", section.summary[0])
 
 
 def test_a_sample_size_sweep_renders_in_a_bundle(study, tmp_path):
@@ -111,4 +112,4 @@ def test_a_sample_size_sweep_renders_in_a_bundle(study, tmp_path):
     assert "sweep_sizes" in render_pngs(s.analysis, {"sizes": sweep})
     save_bundle(s.analysis, tmp_path, extras={"sizes": sweep})
     assert (tmp_path / "sweep_sizes.png").exists()
-    assert "examples per class" in load_bundle(tmp_path).extras["sizes"]["x_label"]
+    assert load_bundle(tmp_path).extras["sizes"] == sweep

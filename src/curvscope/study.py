@@ -23,7 +23,12 @@ from typing import Any
 
 from curvscope._checkpoint import CheckpointMismatchError
 from curvscope._stages import StageStore, problem_fingerprint
-from curvscope.analysis.sections import mask_overlap_curve, train_vs_test
+from curvscope.analysis.sections import (
+    Section,
+    mask_overlap_curve,
+    section_summary,
+    train_vs_test,
+)
 from curvscope.analysis.spectrum import SpectrumAnalysis, analyze
 from curvscope.analysis.sweeps import checkpoint_sweep
 from curvscope.curvature._operators import HessianOperator
@@ -57,7 +62,7 @@ class Study:
     """
 
     analysis: SpectrumAnalysis
-    extras: dict[str, dict[str, Any]]
+    extras: dict[str, Section]
     problem: Problem
     paths: dict[str, Path] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
@@ -67,7 +72,7 @@ class Study:
         """The analysis's sentences, then one line per further section."""
         out = list(self.analysis.summary())
         for name, section in self.extras.items():
-            for sentence in section.get("summary", []):
+            for sentence in section_summary(section):
                 out.append(f"{name.replace('_', ' ')}: {sentence}")
         return out
 
@@ -138,7 +143,7 @@ def run_study(
     sub = None if folder is None else folder / "analysis"
     analysis = analyze(problem, k=k, budget=budget, seed=seed, on_stage=on_stage, exact=exact,
                        checkpoint_dir=sub)
-    extras: dict[str, dict[str, Any]] = {}
+    extras: dict[str, Section] = {}
     k_sweep = min(analysis.info["k"], 20)
     if checkpoints:
         extras["checkpoints"] = store.run("checkpoint_sweep", lambda _: checkpoint_sweep(

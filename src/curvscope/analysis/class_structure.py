@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -79,7 +79,7 @@ class ClassStructure:
     mode: str
     sketch_dim: int | None
     projections: Tensor | None
-    vectors: Tensor | None
+    vectors: Tensor | None = field(metadata={"bundle": False})  # [P, C^2]: not in bundles
     cost: Cost
 
     # --------------------------------------------------------------- terms

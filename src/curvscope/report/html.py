@@ -313,11 +313,19 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, d)]
 
 
+def _shown(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A section's JSON without the entries that say how to rebuild it (``__dataclass__``)."""
+    return {k: v for k, v in section.items() if not (k.startswith("__") and k.endswith("__"))}
+
+
 def _value(v: Any, manifest: Mapping[str, Any]) -> str:
-    if isinstance(v, Mapping) and set(v) == {"__array__"}:
+    if isinstance(v, Mapping) and "__array__" in v:
         spec = manifest.get(v["__array__"], {})
-        return (f"<span class='note'>array {_e(spec.get('shape'))} {_e(spec.get('dtype'))} "
+        note = (f"<span class='note'>array {_e(spec.get('shape'))} {_e(spec.get('dtype'))} "
                 f"(arrays.npz: {_e(v['__array__'])})</span>")
+        return (_value(v["values"], manifest) + " " + note) if "values" in v else note
+    if isinstance(v, Mapping) and "__tuple__" in v:
+        return _value(v["__tuple__"], manifest)
     if isinstance(v, float | int) and not isinstance(v, bool):
         return _num(v)
     if isinstance(v, list):
@@ -325,7 +333,7 @@ def _value(v: Any, manifest: Mapping[str, Any]) -> str:
         return f"[{shown}{', …' if len(v) > 24 else ''}]" + (
             f" <span class='note'>({len(v)} items)</span>" if len(v) > 24 else "")
     if isinstance(v, Mapping):
-        return ", ".join(f"{_e(k)}: {_value(x, manifest)}" for k, x in v.items())
+        return ", ".join(f"{_e(k)}: {_value(x, manifest)}" for k, x in _shown(v).items())
     return _e(v)
 
 
@@ -352,13 +360,15 @@ def _extras(doc: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
             caption = SWEEP_CAPTION if is_sweep(section) else SECTION_CAPTIONS.get(
                 str(section.get("kind")), "")
             out.append(_img(img, images[img], caption))
-        rest = {k: v for k, v in section.items() if k != "summary"} if isinstance(
+        rest = {k: v for k, v in _shown(section).items()  # the title is the figure's
+                if k != "summary" and not (k == "title" and v is None)} if isinstance(
             section, Mapping) else section
         out.append(_section(rest, manifest))
     return "\n".join(out)
 
 
 def _section(section: Mapping[str, Any], manifest: Mapping[str, Any], depth: int = 0) -> str:
+    section = _shown(section)
     scalars = [(k, v) for k, v in section.items()
                if not _records(v) and not (isinstance(v, Mapping) and "__array__" not in v)]
     out = []

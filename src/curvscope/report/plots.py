@@ -24,11 +24,15 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from curvscope._state import DATACLASS
+from curvscope.analysis.sections import SECTION_TYPES, MaskOverlap, TrainVsTest
+from curvscope.analysis.sweeps import Sweep
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -452,15 +456,20 @@ def plot_embedding(analysis: SpectrumAnalysis) -> Figure:
 
 # --------------------------------------------------------------------------- sweeps
 def is_sweep(section: Any) -> bool:
-    """Whether an extras section is a sweep (has ``x`` and ``top_eigenvalues``)."""
-    return isinstance(section, dict) and "x" in section and "top_eigenvalues" in section
+    """Whether an extras section is a sweep: a :class:`~curvscope.analysis.sweeps.Sweep`, or a
+    dict (a caller's, or a saved one's JSON) with ``x`` and ``top_eigenvalues``.
+    """
+    if isinstance(section, Sweep):
+        return True
+    return isinstance(section, Mapping) and "x" in section and "top_eigenvalues" in section
 
 
-def plot_sweep(section: dict[str, Any], *, name: str | None = None) -> Figure:
+def plot_sweep(section: Sweep | Mapping[str, Any], *, name: str | None = None) -> Figure:
     """Top-eigenvalue positions across a sweep (sample sizes, checkpoints, ...).
 
     Args:
-        section: ``{"x": [n], "top_eigenvalues": [n, k]}`` with optional ``"x_label"``,
+        section: a :class:`~curvscope.analysis.sweeps.Sweep`, or a dict with its fields:
+            ``{"x": [n], "top_eigenvalues": [n, k]}`` with optional ``"x_label"``,
             ``"title"``, ``"bulk_edge": [n]``, ``"std_error": [n, k]`` (error bars),
             ``"log_x": bool`` (default: when ``x`` is positive and spans 2 decades). Lists,
             tensors or numpy arrays; missing entries as NaN.
@@ -472,17 +481,15 @@ def plot_sweep(section: dict[str, Any], *, name: str | None = None) -> Figure:
     Raises:
         ValueError: keys missing or shapes that do not match.
     """
-    if not is_sweep(section):
-        raise ValueError("a sweep section needs 'x' ([n]) and 'top_eigenvalues' ([n, k]); got "
-                         f"keys {sorted(section) if isinstance(section, dict) else type(section)}.")
-    x = _np(section["x"]).reshape(-1)
-    Y = _np(section["top_eigenvalues"])
+    sweep = section if isinstance(section, Sweep) else Sweep.from_mapping(section)
+    x = _np(sweep.x).reshape(-1)
+    Y = _np(sweep.top_eigenvalues)
     if Y.ndim == 1:
         Y = Y[:, None]
     if Y.ndim != 2 or Y.shape[0] != x.size:
         raise ValueError(f"top_eigenvalues must have shape [len(x)={x.size}, k], got "
                          f"{list(Y.shape)}.")
-    err = _np(section["std_error"]) if section.get("std_error") is not None else None
+    err = _np(sweep.std_error) if sweep.std_error is not None else None
     if err is not None and err.reshape(Y.shape[0], -1).shape != Y.shape:
         raise ValueError(f"std_error must have the shape of top_eigenvalues {list(Y.shape)}, got "
                          f"{list(err.shape)}.")
@@ -497,99 +504,107 @@ def plot_sweep(section: dict[str, Any], *, name: str | None = None) -> Figure:
         yerr = None if err is None else err.reshape(Y.shape)[:, j]
         ax.errorbar(x, Y[:, j], yerr=yerr, fmt="-o", ms=3.5, lw=1, color=color, capsize=2,
                     label=f"λ_{j + 1}" if (k <= 10 or j in (0, k - 1)) else None)
-    if section.get("bulk_edge") is not None:
-        edge = _np(section["bulk_edge"]).reshape(-1)
+    if sweep.bulk_edge is not None:
+        edge = _np(sweep.bulk_edge).reshape(-1)
         ax.plot(x, edge, "k--", lw=1.2, label="bulk edge")
     finite = Y[np.isfinite(Y)]
     if finite.size and (finite > 0).all():
         ax.set_yscale("log")
-    log_x = section.get("log_x")
+    log_x = sweep.log_x
     if log_x is None:
         log_x = bool((x > 0).all() and x.max() / x.min() >= 100) if x.size else False
     if log_x:
         ax.set_xscale("log")
     title_name = (name or "").replace("_", " ")
-    x_label = str(section.get("x_label") or title_name or "x")
+    x_label = str(sweep.x_label if sweep.x_label != "x" else title_name or "x")
     ax.set_xlabel(x_label)
     ax.set_ylabel("eigenvalue λ (loss / parameter²" + (", log scale)" if finite.size and
                                                      (finite > 0).all() else ")"))
-    ax.set_title(str(section.get("title") or f"Top {k} eigenvalues across {title_name or x_label}"))
+    ax.set_title(str(sweep.title or f"Top {k} eigenvalues across {title_name or x_label}"))
     ax.grid(alpha=0.25, which="both")
     ax.legend(loc="best", fontsize=8, ncol=2 if k > 5 else 1, framealpha=0.9)
     return fig
 
 
 # --------------------------------------------------------------------------- other sections
-def plot_train_vs_test(section: dict[str, Any], *, name: str | None = None) -> Figure:
+def plot_train_vs_test(section: TrainVsTest, *, name: str | None = None) -> Figure:
     """The top eigenvalues on training and on held-out data, rank by rank, with each split's
-    bulk edge (a ``train_vs_test`` section of :func:`curvscope.analysis.sections.train_vs_test`).
+    bulk edge (the section of :func:`curvscope.analysis.sections.train_vs_test`).
     """
-    tr, te = _np(section["train_top"]).reshape(-1), _np(section["test_top"]).reshape(-1)
+    tr, te = _np(section.train_top).reshape(-1), _np(section.test_top).reshape(-1)
     fig = _figure(figsize=(8.5, 4.4))
     ax = fig.subplots(1, 1)
     ax.plot(np.arange(1, tr.size + 1), tr, "o-", ms=4, lw=1, color="#1f77b4", label="train")
     ax.plot(np.arange(1, te.size + 1), te, "s--", ms=4, lw=1, color="#d62728", label="test")
-    for key, color, split in (("train_bulk_edge", "#1f77b4", "train"),
-                              ("test_bulk_edge", "#d62728", "test")):
-        if section.get(key) is not None and np.isfinite(float(section[key])):
-            ax.axhline(float(section[key]), color=color, ls=":", lw=1,
-                       label=f"{split} bulk edge")
+    for edge, color, split in ((section.train_bulk_edge, "#1f77b4", "train"),
+                               (section.test_bulk_edge, "#d62728", "test")):
+        if edge is not None and np.isfinite(float(edge)):
+            ax.axhline(float(edge), color=color, ls=":", lw=1, label=f"{split} bulk edge")
     if tr.size and (tr > 0).all() and (te > 0).all():
         ax.set_yscale("log")
     ax.set_xlabel("rank j")
     ax.set_ylabel("eigenvalue λ_j")
-    ax.set_title(str(section.get("title") or
-                     f"Top {tr.size} eigenvalues: train ({section.get('train_outliers', '?')} "
-                     f"outliers) vs test ({section.get('test_outliers', '?')})"))
+    ax.set_title(str(section.title or f"Top {tr.size} eigenvalues: train "
+                     f"({section.train_outliers} outliers) vs test ({section.test_outliers})"))
     ax.grid(alpha=0.25, which="both")
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
     return fig
 
 
-def plot_mask_overlap(section: dict[str, Any], *, name: str | None = None) -> Figure:
+def plot_mask_overlap(section: MaskOverlap, *, name: str | None = None) -> Figure:
     """The top eigenspace's weight on the largest-magnitude parameters against mask size, with
-    chance (a ``mask_overlap`` section of :func:`curvscope.analysis.sections.mask_overlap_curve`).
+    chance (the section of :func:`curvscope.analysis.sections.mask_overlap_curve`).
     """
-    P = float(section["num_params"])
-    m = _np(section["mask_sizes"]).reshape(-1) / P
+    P = float(section.num_params)
+    m = _np(section.mask_sizes).reshape(-1) / P
     fig = _figure(figsize=(8.5, 4.4))
     ax = fig.subplots(1, 1)
-    ax.plot(m, _np(section["overlap"]).reshape(-1), "o-", ms=4, lw=1.2, color="#2ca02c",
-            label=f"overlap with the top-{section.get('k', '?')} eigenspace")
-    ax.plot(m, _np(section["chance"]).reshape(-1), "k--", lw=1, label="chance (mask size / P)")
+    ax.plot(m, _np(section.overlap).reshape(-1), "o-", ms=4, lw=1.2, color="#2ca02c",
+            label=f"overlap with the top-{section.k} eigenspace")
+    ax.plot(m, _np(section.chance).reshape(-1), "k--", lw=1, label="chance (mask size / P)")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(f"mask: fraction of the {int(P):,} parameters kept ({section.get('mask', '')})")
+    ax.set_xlabel(f"mask: fraction of the {int(P):,} parameters kept ({section.mask})")
     ax.set_ylabel("overlap (0..1)")
-    ax.set_title(str(section.get("title") or
-                     "Weight of the top eigenspace on the largest parameters"))
+    ax.set_title(str(section.title or "Weight of the top eigenspace on the largest parameters"))
     ax.grid(alpha=0.25, which="both")
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
     return fig
 
 
-#: The figure of each kind of extras section (``section["kind"]``); sweeps are recognised by
-#: their keys (:func:`is_sweep`) whatever their kind.
-SECTION_PLOTS: dict[str, Callable[..., Figure]] = {
-    "train_vs_test": plot_train_vs_test,
-    "mask_overlap": plot_mask_overlap,
+#: The figure of each section class; sweeps (:func:`is_sweep`) are drawn by :func:`plot_sweep`.
+SECTION_PLOTS: dict[type, Callable[..., Figure]] = {
+    TrainVsTest: plot_train_vs_test,
+    MaskOverlap: plot_mask_overlap,
 }
 
 
+def section_kind(section: Any) -> str | None:
+    """The ``kind`` of a section: a section object's, or a dict's (its JSON) entry."""
+    if isinstance(section, Mapping):
+        kind = section.get("kind")
+        return None if kind is None else str(kind)
+    return getattr(section, "kind", None)
+
+
 def section_image_name(name: str, section: Any) -> str | None:
-    """The image name of an extras section's figure (``None``: the section has none)."""
+    """The image name of an extras section's figure (``None``: the section has none); the
+    section object or its saved JSON give the same name.
+    """
     if is_sweep(section):
         return f"sweep_{_safe(name)}"
-    if isinstance(section, dict) and section.get("kind") in SECTION_PLOTS:
+    if type(section) in SECTION_PLOTS or (
+            isinstance(section, Mapping) and SECTION_TYPES.get(str(section_kind(section)))
+            in SECTION_PLOTS and DATACLASS in section):
         return f"section_{_safe(name)}"
     return None
 
 
-def plot_section(name: str, section: dict[str, Any]) -> Figure:
-    """The figure of one extras section (a sweep or a kind in :data:`SECTION_PLOTS`)."""
+def plot_section(name: str, section: Any) -> Figure:
+    """The figure of one extras section (a sweep, or a class in :data:`SECTION_PLOTS`)."""
     if is_sweep(section):
         return plot_sweep(section, name=name)
-    return SECTION_PLOTS[section["kind"]](section, name=name)
+    return SECTION_PLOTS[type(section)](section, name=name)
 
 
 # --------------------------------------------------------------------------- all at once

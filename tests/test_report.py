@@ -487,6 +487,17 @@ def test_html_is_self_contained(saved, mixture):
         assert section in page, section
     assert "&lt;b&gt;not bold&lt;/b&gt; &amp; escaped" in page  # extras text is escaped
     assert "images ok: " in page  # the load check script
+    # each eigenpair table: the solver's own cost and its pairs, rank by rank
+    from curvscope.report.html import _num
+
+    for title, r in (("Top eigenpairs of H", mixture.top), ("Bottom eigenpairs of H", mixture.bottom),
+                     ("Top eigenpairs of G", mixture.ggn_top)):
+        head = re.search(re.escape(title) + r"[^<]*</summary>(.*?)</details>", page, re.S)
+        assert head, title
+        assert (f"{_num(r.cost.num_matvecs)} products, {_num(r.cost.num_data_passes)} data passes"
+                in head.group(0)), head.group(0)[:200]
+        assert head.group(1).count("<tr") == r.k + 1  # a header and one row per pair
+        assert _num(float(r.eigenvalues[0]), 8) in head.group(1)
 
 
 def test_render_html_rejects_wrong_inputs():

@@ -16,8 +16,9 @@ from curvscope._diagnostics import Cost
 from curvscope.analysis.class_structure import TERMS
 from curvscope.analysis.spectrum import SpectrumAnalysis
 from curvscope.estimators.slq import SpectralDensity
+from curvscope.solvers._results import EigenResult
 
-__all__ = ["key_numbers", "total_cost", "trace_numbers"]
+__all__ = ["eigenpair_table", "key_numbers", "total_cost", "trace_numbers"]
 
 #: The parts of an analysis that carry a cost, in report order.
 COSTED_PARTS = ("top", "bottom", "ggn_top", "density", "bulk_density", "ggn_density",
@@ -59,6 +60,23 @@ def trace_numbers(a: SpectrumAnalysis) -> dict[str, Any]:
             "exact": bool(a.density.exact), "resolved": bool(half < abs(value))}
 
 
+#: Rows of the eigenpair tables shown in full up to this many pairs.
+MAX_TABLE_PAIRS = 1000
+
+
+def eigenpair_table(r: EigenResult) -> dict[str, Any]:
+    """A solver result as the report's table: method, tolerance, cost and, pair by pair, the
+    eigenvalue, ``||A v - l v||``, the relative residual and whether it converged.
+    """
+    d = r.to_dict()
+    n = min(r.k, MAX_TABLE_PAIRS)
+    for key in ("eigenvalues", "residual_norms", "converged"):
+        d[key] = d[key][:n]
+    d["relative_residuals"] = r.relative_residuals[:n].tolist()
+    d["shown"] = f"{n} of {r.k}"
+    return d
+
+
 def key_numbers(a: SpectrumAnalysis) -> dict[str, Any]:
     """The numbers the report shows, each with its error bar or residual (no arrays)."""
     negative = a.negative_part()
@@ -83,6 +101,8 @@ def key_numbers(a: SpectrumAnalysis) -> dict[str, Any]:
         "bulk_power_law": None if a.bulk_power_law is None else a.bulk_power_law.to_dict(),
         "overlap_hessian_ggn": a.overlap_hessian_ggn,
         "ggn_above_edge": a.ggn_above_edge(),
+        "eigenpairs": {name: eigenpair_table(getattr(a, name))
+                       for name in ("top", "bottom", "ggn_top") if getattr(a, name) is not None},
     }
     for name in ("bulk_density", "ggn_density", "residual_density"):
         s: SpectralDensity | None = getattr(a, name)

@@ -438,7 +438,7 @@ def render_html(bundle_dict: Mapping[str, Any], images: Mapping[str, bytes]) -> 
                     + "".join(f"<li>{_e(s)}</li>" for s in summary) + "</ul>")
     if doc.get("key_numbers"):
         body.append("<h2 id='numbers'>Key numbers</h2>" + _key_table(doc))
-        parts = doc.get("analysis", {}) or {}
+        parts = doc["key_numbers"].get("eigenpairs", {}) or {}
         body.append(_eigen_table(parts.get("top"), "Top eigenpairs of H"))
         body.append(_eigen_table(parts.get("bottom"), "Bottom eigenpairs of H"))
         body.append(_eigen_table(parts.get("ggn_top"), "Top eigenpairs of G"))

@@ -358,15 +358,22 @@ class CurvatureOperator(LinearOperator):
         """
         key = self._choice_key(k)
         if key not in self.problem.engine_choices:
-            self._product_on_first_batch(k)
-            seconds = self._product_on_first_batch(k) / k
-            mean = agreed_seconds({"products": seconds}, self.device)["products"]
-            self.problem.engine_choices[key] = {
-                "engine": "products", "seconds_per_column": {"products": seconds},
-                "columns": k, "mean_seconds_per_column": mean,
-                "examples": next(iter(self.problem.batches())).size}
-        value = self.problem.engine_choices[key].get("mean_seconds_per_column")
+            self._time_products(k, key)
+        record = self.problem.engine_choices.get(key)
+        value = None if record is None else record.get("mean_seconds_per_column")
         return value if isinstance(value, float) else None
+
+    def _time_products(self, k: int, key: str) -> None:
+        """Record under ``key`` the seconds per column of a ``k``-column product (its second
+        run on the first batch, agreed over the ranks).
+        """
+        self._product_on_first_batch(k)
+        seconds = self._product_on_first_batch(k) / k
+        mean = agreed_seconds({"products": seconds}, self.device)["products"]
+        self.problem.engine_choices[key] = {
+            "engine": "products", "seconds_per_column": {"products": seconds},
+            "columns": k, "mean_seconds_per_column": mean,
+            "examples": next(iter(self.problem.batches())).size}
 
     def _product_on_first_batch(self, k: int) -> float:
         """Seconds of this operator's product with ``k`` seeded random columns on the first
@@ -644,14 +651,13 @@ class HessianOperator(CurvatureOperator):
         """
         if self.active_engine != "auto":
             return None
-        key = self._choice_key(k)
-        if key not in self.problem.engine_choices:
-            self._product_on_first_batch(k)  # the trial records the choice
-        record = self.problem.engine_choices.get(key)
-        if record is None:
-            return None
-        value = record.get("mean_seconds_per_column")  # the same on every rank
-        return value if isinstance(value, float) else None
+        return super().measured_seconds_per_column(k)
+
+    def _time_products(self, k: int, key: str) -> None:
+        """A product on the first batch: its engine trial records the choice under ``key``
+        with the trial's seconds per column (the same on every rank).
+        """
+        self._product_on_first_batch(k)
 
     _choice_name = "hessian"
 

@@ -259,6 +259,27 @@ def test_no_torchrun_environment_changes_nothing(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("uncaught", [False, True])
+def test_the_group_curvscope_made_is_torn_down_at_exit(monkeypatch, tmp_path, uncaught):
+    """The exit handler destroys its own group; it meets the other ranks only on a clean exit."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    barriers = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: barriers.append(1))
+    if uncaught:
+        monkeypatch.setattr(sys, "last_value", RuntimeError("a rank failed"), raising=False)
+    try:
+        other = object()  # a group the script made itself is left alone
+        distributed._tear_down_the_group_we_made(other)
+        assert torch.distributed.is_initialized() and barriers == []
+        distributed._tear_down_the_group_we_made(torch.distributed.group.WORLD)
+        assert not torch.distributed.is_initialized()
+        assert barriers == ([] if uncaught else [1])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def test_torchrun_environment_whose_rendezvous_fails(monkeypatch):
     """WORLD_SIZE=2 without MASTER_ADDR: a RuntimeError that says what to do, not a lone rank."""
     monkeypatch.setenv("RANK", "0")
@@ -288,6 +309,8 @@ def test_malformed_world_size(monkeypatch):
 
 
 WORKER = """
+import atexit
+import os
 import sys
 import warnings
 
@@ -300,6 +323,9 @@ from curvscope.testing import tiny_mlp
 
 torch.set_num_threads(1)
 assert not dist.is_initialized()
+# atexit runs last-registered first: this runs after curvscope's teardown of the group it made
+atexit.register(lambda: open(f"{sys.argv[1]}/exit{os.environ['RANK']}.txt", "w").write(
+    str(dist.is_initialized())))
 tp = tiny_mlp("classification", batch_sizes=(5, 5, 3, 4, 2))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -311,7 +337,7 @@ torch.save({"world": (rank, size), "initialized": dist.is_initialized(),
             "num_data": problem.num_data, "indices": [b.index for b in problem.batches()],
             "HV": cs.HessianOperator(problem) @ V, "warnings": [str(w.message) for w in caught]},
            f"{sys.argv[1]}/rank{rank}.pt")
-dist.destroy_process_group()
+# no destroy_process_group(): the script never made the group; curvscope tears it down at exit
 """
 
 
@@ -347,3 +373,4 @@ def test_torchrun_without_init_process_group_shards_the_batches(tmp_path):
                                 f"{r} of 2, backend gloo): the script did not call "
                                 "init_process_group(); batches are sharded over the ranks.")
                    for w in got["warnings"]), got["warnings"]
+        assert (tmp_path / f"exit{r}.txt").read_text() == "False"  # the group is gone at exit

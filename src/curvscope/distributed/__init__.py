@@ -13,9 +13,11 @@ process group's timeout instead of hanging (set it with ``init_process_group(tim
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -126,7 +128,28 @@ def ensure_process_group(backend: str | None = None, timeout_s: float = 300.0) -
     )
     logger.info(message)
     warnings.warn(message, stacklevel=3)
+    atexit.register(_tear_down_the_group_we_made, dist.group.WORLD)
     return result
+
+
+def _tear_down_the_group_we_made(group: object) -> None:
+    """Destroy, at exit, the process group :func:`ensure_process_group` initialised.
+
+    The script never asked for the group, so it will not destroy it; left to interpreter
+    finalisation, gloo's worker threads can abort the process ("terminate called without an
+    active exception", SIGABRT, exit code -6) after the results are written. On a clean exit the
+    ranks first meet at a barrier so that no rank tears down while another still talks to it; after
+    an uncaught exception (``sys.last_value`` is set) the barrier is skipped, since the other ranks
+    may never reach it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.group.WORLD is not group:
+        return  # the script destroyed it, or made another one itself
+    try:
+        if not hasattr(sys, "last_value"):
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as err:  # noqa: BLE001 - exiting anyway; say why the teardown failed
+        logger.warning("curvscope: destroying the process group at exit failed: %s", err)
 
 
 __all__ = [

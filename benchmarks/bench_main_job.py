@@ -11,7 +11,10 @@ subprocess with a time limit (``--no-isolate``: in this process):
   bottom eigenpairs, densities of H, G and H - G, class structure); ``analysis_xg`` its ratio to
   the gradient; ``stages_s`` the seconds of each stage (from ``on_stage``);
 * ``method``: the path the timed plan chose (``exact``: dense matrices and ``eigh``; ``iterative``:
-  Lanczos, eigsh, SLQ), with ``planned_s`` its own estimate, so the cost model is checked too;
+  Lanczos, eigsh, SLQ); ``planned_s``, ``planned_columns`` and ``planned_passes``: what the run's
+  plan said before it started (every stage, from timed products), so the cost model is checked
+  too; ``eta_at_quarter_s``: the time left the progress bar showed when a quarter of the planned
+  columns were done, beside ``left_at_quarter_s``, the time that was actually left;
 * ``data_passes``: passes over the data the analysis made (read from the Problem) and
   ``passes_xg`` the analysis time per pass in gradients (a pass of a product with ``k`` columns
   costs at least one forward and backward: the physical limit is ``analysis_xg >= data_passes``
@@ -88,21 +91,35 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     row["gradient_s"] = gradient_seconds(zp)
     stages: dict[str, float] = {}
     last = [time.perf_counter()]
+    plan: dict = {}
+    quarter: dict = {}
 
-    def on_stage(stage: str, _done: dict) -> None:
+    def on_stage(stage: str, done: dict) -> None:
         now = time.perf_counter()
         stages[stage] = stages.get(stage, 0.0) + now - last[0]
         last[0] = now
+        if stage == "plan":
+            plan.update(done["plan"])
+
+    def on_progress(update) -> None:  # the time left the progress bar showed at 25 % of the plan
+        if not quarter and update.planned and update.columns >= update.planned / 4:
+            quarter.update(eta_s=update.eta_s, at=time.perf_counter())
 
     passes0 = problem.num_data_passes
     t0 = last[0] = time.perf_counter()
-    a = cs.analyze(problem, budget=args.budget, on_stage=on_stage)
-    row["analysis_s"] = time.perf_counter() - t0
+    a = cs.analyze(problem, budget=args.budget, on_stage=on_stage, on_progress=on_progress)
+    end = time.perf_counter()
+    row["analysis_s"] = end - t0
     row["analysis_xg"] = row["analysis_s"] / row["gradient_s"]
     row["stages_s"] = stages
     row["method"] = a.info["method"]
-    plan = a.info.get("method_plan") or {}
-    row["planned_s"] = plan.get("exact_s" if a.info["method"] == "exact" else "iterative_s")
+    row["planned_s"] = plan.get("estimated_seconds")
+    row["planned_columns"] = plan.get("product_columns")
+    row["planned_passes"] = sum(s.get("passes") or 0 for s in plan.get("stages", []))
+    row["counted_columns"] = sum(r["done_columns"] for r in a.info["progress"])
+    row["stage_plan"] = a.info["progress"]  # planned vs done, per stage
+    row["eta_at_quarter_s"] = quarter.get("eta_s")
+    row["left_at_quarter_s"] = None if not quarter else end - quarter["at"]
     row["data_passes"] = problem.num_data_passes - passes0
     row["passes_xg"] = row["analysis_xg"] / max(row["data_passes"], 1)
     row["product_columns"] = _columns(a)
@@ -137,19 +154,23 @@ def _fmt(x, spec: str = ".3g") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | P | method | gradient (s) | analysis (s) | planned (s) | analysis / gradient "
-            "| data passes | per pass (gradients) | columns | outliers | slowest stage |")
-    out = [head, "|" + "---|" * 12]
+    head = ("| size | P | method | gradient (s) | analysis (s) | planned (s) | time left at 25 %: "
+            "shown / actual (s) | analysis / gradient | data passes (planned) | per pass "
+            "(gradients) | columns (planned) | outliers | slowest stage |")
+    out = [head, "|" + "---|" * 13]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['size']} | {_fmt(r.get('num_params'), ',')} | {r['error']} |"
-                       + " |" * 9)
+                       + " |" * 10)
             continue
         slow = max(r["stages_s"].items(), key=lambda kv: kv[1]) if r["stages_s"] else ("—", 0)
         out.append(
             f"| {r['size']} | {r['num_params']:,} | {r['method']} | {_fmt(r['gradient_s'])} | "
-            f"{_fmt(r['analysis_s'])} | {_fmt(r['planned_s'])} | {_fmt(r['analysis_xg'], ',.0f')} "
-            f"| {r['data_passes']} | {_fmt(r['passes_xg'])} | {r['product_columns']:,} | "
+            f"{_fmt(r['analysis_s'])} | {_fmt(r.get('planned_s'))} | "
+            f"{_fmt(r.get('eta_at_quarter_s'))} / {_fmt(r.get('left_at_quarter_s'))} | "
+            f"{_fmt(r['analysis_xg'], ',.0f')} | {r['data_passes']} "
+            f"({_fmt(r.get('planned_passes'), ',')}) | {_fmt(r['passes_xg'])} | "
+            f"{r['product_columns']:,} ({_fmt(r.get('planned_columns'), ',')}) | "
             f"{r['outliers']} ({r['outlier_confidence']}) | {slow[0]} {slow[1]:.1f} s |")
     return "\n".join(out)
 

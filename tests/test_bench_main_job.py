@@ -37,6 +37,14 @@ def test_smallest_size_row(bench, tmp_path):
     assert "plan" in row["stages_s"] and sum(row["stages_s"].values()) <= row["analysis_s"] * 1.01
     # the exact path multiplies identity blocks: at least P columns for H (and P for G)
     assert row["product_columns"] >= row["num_params"] and row["data_passes"] >= 1
+    # the plan the run stated, every stage: the exact path's dense columns are known exactly
+    # (P + k + 5 for H and P + k for G), the class stage adds eigsh for C = 10 pairs
+    k = 2 * 10 + 10
+    P = row["num_params"]
+    assert row["planned_columns"] == 2 * P + 2 * k + 5 + 4 * 10 + 20
+    assert row["counted_columns"] >= 2 * P + 2 * k + 5 and row["planned_passes"] > 0
+    assert row["eta_at_quarter_s"] is not None and row["eta_at_quarter_s"] >= 0
+    assert 0 <= row["left_at_quarter_s"] <= row["analysis_s"]
     saved = json.loads((tmp_path / "bench_main_job_cpu.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
 

@@ -110,14 +110,17 @@ def _arrays(out):
 
 
 def _numbers(out):
-    """result.json without the wall times, costs' timings and provenance (they differ)."""
+    """result.json without the wall times, costs' timings and provenance (they differ), and
+    without the plan-vs-done progress rows (what this process computed: a resumed run read some
+    stages back)."""
     doc = json.loads((out / "result.json").read_text())
 
     def strip(obj):
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items()
                     if k not in ("provenance", "wall_time", "engines", "seconds_per_column",
-                                 "method_plan", "method_reason", "wall_time_total")}
+                                 "method_plan", "method_reason", "wall_time_total",
+                                 "progress")}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj

@@ -106,7 +106,7 @@ def test_the_exact_path_is_chosen_when_it_takes_fewer_products():
     from curvscope.analysis.spectrum import planned_split, timed_plan
 
     class Timed:
-        def measured_seconds_per_column(self, k):
+        def estimated_seconds_per_column(self, k):
             return {1: 1e-3, 4: 4e-4, 64: 1.0}[k]
 
     split = planned_split(4, 40, 16, 5, papyan=True)
@@ -143,5 +143,11 @@ def test_the_plan_is_announced_before_any_stage():
     assert seen[0][0] == "plan" and [n for n, _ in seen[1:4]] == ["top", "bottom", "density"]
     plan = seen[0][1]
     assert plan["method"] == a.info["method"] == "exact"
-    assert plan["product_columns"] == 2 * a.info["num_params"]  # H and G, P columns each
-    assert plan["estimated_seconds"] == pytest.approx(a.info["method_plan"]["exact_s"])
+    P, k, C = a.info["num_params"], a.info["k"], a.info["num_classes"]
+    # H and G, P columns each, the residuals of H's top k and bottom 5 and of G's top k, and
+    # eigsh for the within-class scatter's top C eigenvalues
+    assert [(s["name"], s["columns"]) for s in plan["stages"]] == [
+        ("dense_H", P + k + 5), ("dense_G", P + k), ("classes", 4 * C + 20)]
+    assert plan["product_columns"] == 2 * P + 2 * k + 5 + 4 * C + 20
+    assert plan["estimated_seconds"] == pytest.approx(sum(s["seconds"] for s in plan["stages"]))
+    assert plan["estimated_seconds"] > a.info["method_plan"]["exact_s"]  # the dense part only

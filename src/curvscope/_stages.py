@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from curvscope._checkpoint import Checkpointer, tensor_digest
+from curvscope._progress import Progress
 from curvscope._state import from_state, to_state
 
 RUN_FILE = "run.fingerprint"
@@ -44,7 +45,8 @@ class StageStore:
     """
 
     def __init__(self, directory: str | Path | None, fingerprint: Mapping[str, Any] | None = None,
-                 operator: object = None) -> None:
+                 operator: object = None, progress: Progress | None = None) -> None:
+        self.progress = progress
         self.directory = None if directory is None else Path(directory)
         self.fingerprint = dict(fingerprint or {})
         self.operator = operator
@@ -76,7 +78,11 @@ class StageStore:
         state = file.load()
         if state is not None:
             self.resumed.append(name)
+            if self.progress is not None:
+                self.progress.resumed(name)
             return from_state(state["result"])
+        if self.progress is not None:
+            self.progress.begin(name)
         inside = self.inside(name)
         if inside is not None:
             # an interrupted stage: its solver's checkpoint names the product shapes it chose
@@ -84,11 +90,12 @@ class StageStore:
             Checkpointer(inside, 1, {}, self.operator).restore_choices()
         result = compute(inside)
         self.computed.append(name)
-        if self.directory is None:
-            return result
-        file.save({"result": to_state(result)})
-        for stale in self.directory.glob(f"{name}.inside*"):  # the rank files too
-            stale.unlink(missing_ok=True)
+        if self.directory is not None:
+            file.save({"result": to_state(result)})
+            for stale in self.directory.glob(f"{name}.inside*"):  # the rank files too
+                stale.unlink(missing_ok=True)
+        if self.progress is not None:
+            self.progress.end(name)
         return result
 
     def describe_resume(self) -> str | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from curvscope._checkpoint import CheckpointMismatchError
+from curvscope._progress import Progress, ProgressUpdate, StagePlan, counting_products
 from curvscope._stages import StageStore, problem_fingerprint
 from curvscope.analysis.sections import (
     Section,
@@ -29,7 +30,14 @@ from curvscope.analysis.sections import (
     section_summary,
     train_vs_test,
 )
-from curvscope.analysis.spectrum import SpectrumAnalysis, analyze
+from curvscope.analysis.spectrum import (
+    BUDGETS,
+    SpectrumAnalysis,
+    analyze,
+    estimated_seconds,
+    planned_seconds,
+    solve_columns,
+)
 from curvscope.analysis.sweeps import checkpoint_sweep
 from curvscope.curvature._operators import HessianOperator
 from curvscope.curvature._problem import Problem
@@ -92,6 +100,7 @@ def run_study(
     method: str = "auto",
     fresh: bool = False,
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+    on_progress: Callable[[ProgressUpdate], None] | None = None,
     identity: Mapping[str, Any] | None = None,
     provenance_extra: Mapping[str, Any] | None = None,
 ) -> Study:
@@ -111,6 +120,9 @@ def run_study(
         method: ``"auto"``, ``"exact"`` or ``"iterative"`` (``analyze``'s ``exact``).
         fresh: discard the stages an earlier run left in ``out``.
         on_stage: called as ``on_stage(name, results_so_far)`` after each stage.
+        on_progress: called after every curvature product of the training-data analysis with a
+            :class:`~curvscope._progress.ProgressUpdate` (stage, columns done of planned, time
+            left; see :func:`~curvscope.analysis.spectrum.analyze`).
         identity: more that identifies the run (the CLI passes the run file's digest): a
             change refuses to resume.
         provenance_extra: more provenance for the bundle (name, command, ...).
@@ -141,26 +153,42 @@ def run_study(
     resumed = _finished(folder)
     exact = {"auto": None, "exact": True, "iterative": False}[method]
     sub = None if folder is None else folder / "analysis"
-    analysis = analyze(problem, k=k, budget=budget, seed=seed, on_stage=on_stage, exact=exact,
-                       checkpoint_dir=sub)
-    extras: dict[str, Section] = {}
-    k_sweep = min(analysis.info["k"], 20)
-    if checkpoints:
-        extras["checkpoints"] = store.run("checkpoint_sweep", lambda _: checkpoint_sweep(
-            model, checkpoints, loss_fn, data, k=k_sweep, seed=seed, **opts))
-    if analysis.top.eigenvectors is not None:
-        theta = problem.param_space.join(problem.parameters()).cpu()
-        extras["mask_overlap"] = mask_overlap_curve(analysis, theta)
-    if on_stage is not None:
-        on_stage("sweeps", {"extras": list(extras)})
-    if test_data is not None:
-        test_problem = Problem(model, loss_fn, test_data, **opts)
-        test = analyze(test_problem, k=k_sweep, budget="small", seed=seed, papyan=False,
-                       classes=False, bottom_k=1,
-                       checkpoint_dir=None if folder is None else folder / "test")
-        extras["test"] = train_vs_test(analysis, test, k_sweep)
-    if on_stage is not None:
-        on_stage("test", {"test": "test" in extras})
+    progress = Progress(on_progress)
+    store.progress = progress
+    test_problem = None if test_data is None else Problem(model, loss_fn, test_data, **opts)
+    n_checkpoints = len(checkpoints or ())
+    test_share = None if test_problem is None else test_problem.num_data / problem.num_data
+
+    def staged(name: str, done: dict[str, Any]) -> None:
+        if name == "plan":  # the study's own stages join the analysis's plan
+            extra = study_stages(done["plan"], n_checkpoints, test_share)
+            progress.set_plan(extra)
+            done = {**done, "plan": with_stages(done["plan"], extra)}
+        if on_stage is not None:
+            on_stage(name, done)
+
+    with counting_products(progress.add):
+        analysis = analyze(problem, k=k, budget=budget, seed=seed, on_stage=staged, exact=exact,
+                           progress=progress, checkpoint_dir=sub)
+        extras: dict[str, Section] = {}
+        k_sweep = min(analysis.info["k"], 20)
+        if checkpoints:
+            extras["checkpoints"] = store.run("checkpoint_sweep", lambda _: checkpoint_sweep(
+                model, checkpoints, loss_fn, data, k=k_sweep, seed=seed, **opts))
+        if analysis.top.eigenvectors is not None:
+            theta = problem.param_space.join(problem.parameters()).cpu()
+            extras["mask_overlap"] = mask_overlap_curve(analysis, theta)
+        if on_stage is not None:
+            on_stage("sweeps", {"extras": list(extras)})
+        if test_problem is not None:
+            progress.begin("test")
+            test = analyze(test_problem, k=k_sweep, budget="small", seed=seed, papyan=False,
+                           classes=False, bottom_k=1,
+                           checkpoint_dir=None if folder is None else folder / "test")
+            progress.end("test")
+            extras["test"] = train_vs_test(analysis, test, k_sweep)
+        if on_stage is not None:
+            on_stage("test", {"test": "test" in extras})
     paths: dict[str, Path] = {}
     if out is not None:
         from curvscope.report import provenance, save_bundle
@@ -175,6 +203,38 @@ def run_study(
     if on_stage is not None:
         on_stage("bundle", {"bundle": {key: str(v) for key, v in paths.items()}})
     return Study(analysis, extras, problem, paths, resumed, time.perf_counter() - t0)
+
+
+def study_stages(plan: Mapping[str, Any], checkpoints: int, test_share: float | None
+                 ) -> list[StagePlan]:
+    """The stages :func:`run_study` adds to the analysis's ``plan`` (as the ``plan`` stage
+    emits it): top eigenvalues at each of ``checkpoints`` saved checkpoints (one eigsh for
+    ``min(k, 20)`` pairs each), and the small analysis of the test data (``test_share``: its
+    size relative to the training data, which scales the timed seconds).
+    """
+    k_sweep = min(int(plan["k"]), 20)
+    per_column = plan.get("seconds_per_column")
+    out = []
+    if checkpoints:
+        cols = checkpoints * solve_columns(k_sweep)
+        out.append(StagePlan("checkpoint_sweep", cols, cols, estimated_seconds(per_column, cols, 1)))
+    if test_share is not None:
+        probes, steps = BUDGETS["small"]
+        solves = solve_columns(k_sweep) + solve_columns(1)
+        cols = 2 + solves + probes * steps
+        one, many = (estimated_seconds(per_column, solves, 1),
+                     estimated_seconds(per_column, probes * steps + 2, probes))
+        out.append(StagePlan("test", cols, 1 + solves + steps,
+                             None if one is None or many is None else (one + many) * test_share))
+    return out
+
+
+def with_stages(plan: Mapping[str, Any], extra: list[StagePlan]) -> dict[str, Any]:
+    """``plan`` (as the ``plan`` stage emits it) with the stages ``extra`` added."""
+    stages = [StagePlan.from_dict(s) for s in plan["stages"]] + extra
+    return {**plan, "stages": [s.to_dict() for s in stages],
+            "product_columns": sum(s.columns or 0 for s in stages),
+            "estimated_seconds": planned_seconds(stages)}
 
 
 def _open(folder: Path | None, fingerprint: dict[str, Any], problem: Problem) -> StageStore:

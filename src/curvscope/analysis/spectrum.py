@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from curvscope._diagnostics import Cost
+from curvscope._progress import Progress, ProgressUpdate, StagePlan, counting_products
 from curvscope._stages import StageStore, problem_fingerprint
 from curvscope.analysis.class_structure import ClassStructure, class_structure
 from curvscope.analysis.formatting import with_error
@@ -192,6 +193,8 @@ def analyze(
     bottom_k: int = 5,
     exact: bool | None = None,
     checkpoint_dir: str | Path | None = None,
+    on_progress: Callable[[ProgressUpdate], None] | None = None,
+    progress: Progress | None = None,
 ) -> SpectrumAnalysis:
     """Run the full spectrum analysis of a Problem's Hessian (see the module docstring).
 
@@ -217,6 +220,15 @@ def analyze(
             included) continues and returns what an uninterrupted call returns; a folder of
             another model, data or options is refused (``CheckpointMismatchError``). The
             folder is left for the caller to delete.
+        on_progress: called with a :class:`~curvscope._progress.ProgressUpdate` after every
+            curvature product and stage: the stage, its product columns done of planned, the
+            run's, and the estimated seconds left (a progress bar's numbers). The plan itself
+            (:func:`stage_plan`) comes with the ``plan`` stage of ``on_stage``; planned beside
+            done per stage is in ``info["progress"]``.
+        progress: a :class:`~curvscope._progress.Progress` shared with a larger run (as
+            :func:`~curvscope.study.run_study` does): this analysis adds its stages to that
+            plan, and the caller counts the products (``counting_products(progress.add)``);
+            ``on_progress`` is then not used.
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
@@ -224,6 +236,21 @@ def analyze(
         raise ValueError(f"class_mode must be 'auto', 'exact' or 'sketch', got {class_mode!r}.")
     if not outlier_threshold > 1:
         raise ValueError(f"outlier_threshold must be > 1 (a ratio), got {outlier_threshold}.")
+    if progress is not None:
+        return _analyze(problem, k, budget, seed, outlier_threshold, papyan, classes, class_mode,
+                        on_stage, bottom_k, exact, checkpoint_dir, progress)
+    progress = Progress(on_progress)
+    with counting_products(progress.add):
+        return _analyze(problem, k, budget, seed, outlier_threshold, papyan, classes, class_mode,
+                        on_stage, bottom_k, exact, checkpoint_dir, progress)
+
+
+def _analyze(problem: Problem, k: int | None, budget: str, seed: int, outlier_threshold: float,
+             papyan: bool, classes: bool | None, class_mode: str,
+             on_stage: Callable[[str, dict[str, Any]], None] | None, bottom_k: int,
+             exact: bool | None, checkpoint_dir: str | Path | None,
+             progress: Progress) -> SpectrumAnalysis:
+    """:func:`analyze` with its arguments checked, inside its product count."""
     num_probes, num_iters = BUDGETS[budget]
     num_classes = _num_classes(problem)
     P = problem.num_params
@@ -246,17 +273,15 @@ def analyze(
         **problem_fingerprint(problem), "k": k, "budget": budget, "seed": seed,
         "outlier_threshold": outlier_threshold, "papyan": papyan, "classes": classes,
         "class_mode": class_mode, "bottom_k": bottom_k, "exact": exact,
-        "version": _version()}, HessianOperator(problem))
+        "version": _version()}, HessianOperator(problem), progress=progress)
     split_cols = planned_split(num_probes, num_iters, k, min(bottom_k, P), papyan)
     cols = sum(split_cols)
 
     def choose(_: Any) -> dict[str, Any]:
-        plan = None
-        if exact is None and P <= EXACT_MAX_PARAMS:
-            plan = timed_plan(HessianOperator(problem), P, split_cols, num_probes, papyan)
+        plan = timed_plan(HessianOperator(problem), P, split_cols, num_probes, papyan)
         if exact is not None:
             use = bool(exact)
-        elif plan is not None:
+        elif plan is not None and plan["exact_s"] is not None:
             use = plan["exact_s"] <= plan["iterative_s"]
         else:
             use = exact_is_cheaper(P, cols, papyan)
@@ -264,10 +289,16 @@ def analyze(
 
     chosen = store.run("plan", choose)
     use_exact, plan = chosen["use_exact"], chosen["plan"]
+    stages = stage_plan(P, use_exact, k, min(bottom_k, P), papyan, num_probes, num_iters,
+                        None if plan is None else plan["seconds_per_column"],
+                        num_classes=num_classes if num_classes and classes is not False
+                        else None)
+    progress.set_plan(stages)
     emit("plan", {"method": "exact" if use_exact else "iterative",
-                  "product_columns": P * (2 if papyan else 1) if use_exact else cols,
-                  "estimated_seconds": None if plan is None else
-                  plan["exact_s" if use_exact else "iterative_s"]})
+                  "product_columns": sum(s.columns or 0 for s in stages),
+                  "estimated_seconds": planned_seconds(stages),
+                  "stages": [s.to_dict() for s in stages], "k": k,
+                  "seconds_per_column": None if plan is None else plan["seconds_per_column"]})
     if use_exact:
         spectra = _exact_spectra(problem, k, min(bottom_k, P), papyan, emit, store)
     else:
@@ -320,6 +351,8 @@ def analyze(
         "product_noise": spectra.get("product_noise"), "tol": spectra.get("tol"),
         "method_reason": _method_reason(use_exact, exact, P, cols, papyan, plan),
         "method_plan": plan,
+        "progress": [r for r in progress.summary() if r["state"] == "unplanned"
+                     or any(r["name"] == s.name for s in stages)],
     }
     return SpectrumAnalysis(info, _host(top), _host(bottom), density, bulk_density, split, power,
                             None if ggn_top is None else _host(ggn_top), ggn_density,
@@ -349,8 +382,87 @@ def planned_split(num_probes: int, num_iters: int, k: int, bottom_k: int,
     for the bottom of H.
     """
     densities = 3 if papyan else 1
-    solves = (4 * k + 20) * (2 if papyan else 1) + 4 * bottom_k + 20
+    solves = solve_columns(k) * (2 if papyan else 1) + solve_columns(bottom_k)
     return densities * num_probes * num_iters, solves
+
+
+def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num_probes: int,
+               num_iters: int, seconds_per_column: dict[str, float] | None, *,
+               num_classes: int | None) -> list[StagePlan]:
+    """The stages the analysis will run, each with its product columns, data passes and
+    estimated seconds (from ``seconds_per_column``, the timed products of :func:`timed_plan`,
+    keyed by columns per product; ``None``: not timed).
+
+    Exact path: ``dense_H`` forms ``P`` columns in blocks of :data:`DENSE_BLOCK` and measures the
+    top-``k`` and bottom pairs' residuals with one product each; ``dense_G`` likewise for ``G``
+    (top ``k``). Iterative path: the products' noise (one product of 2 columns), eigsh for the
+    top ``k`` (about ``4 k + 20`` single columns) and the bottom pairs (``4 bottom_k + 20``), one
+    SLQ density of ``num_probes x num_iters`` columns in ``num_iters`` products (of the deflated
+    bulk when there are outliers), and with ``papyan`` G's top pairs and the densities of ``G``
+    and ``H - G``. G's products are estimated at H's cost per column. With ``num_classes``
+    (the class structure runs): one pass of class-pair gradients (not counted as products) and
+    eigsh for the within-class scatter's top ``C`` eigenvalues (``4 C + 20`` columns).
+    """
+    def seconds(columns: int, per_product: int) -> float | None:
+        return estimated_seconds(seconds_per_column, columns, per_product)
+
+    def dense(name: str, pairs: tuple[int, ...]) -> StagePlan:
+        passes = -(-P // DENSE_BLOCK)
+        est = seconds(P, DENSE_BLOCK)
+        for n in pairs:
+            s = seconds(n, n)
+            est = None if est is None or s is None else est + s
+        if est is not None:
+            est += EIGH_SECONDS_PER_CUBE * P**3
+        return StagePlan(name, P + sum(pairs), passes + len(pairs), est)
+
+    def solve(name: str, wanted: int) -> StagePlan:
+        cols = solve_columns(wanted)
+        return StagePlan(name, cols, cols, seconds(cols, 1))
+
+    def density(name: str, also: tuple[str, ...] = ()) -> StagePlan:
+        cols = num_probes * num_iters
+        return StagePlan(name, cols, num_iters, seconds(cols, num_probes), also)
+
+    if use_exact:
+        stages = [dense("dense_H", (k, bottom_k))] + ([dense("dense_G", (k,))] if papyan else [])
+    else:
+        stages = [StagePlan("noise", 2, 1, seconds(2, 2)), solve("top", k),
+                  solve("bottom", bottom_k), density("density", also=("bulk_density",))]
+        if papyan:
+            stages += [solve("ggn_top", k), density("ggn_density"), density("residual_density")]
+    if num_classes:
+        # the class-pair gradients (one pass, not curvature products), then eigsh of the
+        # within-class scatter for its top C eigenvalues
+        cols = solve_columns(num_classes)
+        stages.append(StagePlan("classes", cols, cols + 1, seconds(cols, 1)))
+    return stages
+
+
+def estimated_seconds(seconds_per_column: dict[str, float] | None, columns: int,
+                      per_product: int) -> float | None:
+    """Seconds of ``columns`` product columns made ``per_product`` at a time, from the timed
+    seconds per column (keyed by the columns per product timed; the nearest width in ratio is
+    used). ``None`` without timings.
+    """
+    if not seconds_per_column:
+        return None
+    widths = {int(w): t for w, t in seconds_per_column.items()}
+    nearest = min(widths, key=lambda w: abs(math.log(w / max(per_product, 1))))
+    return columns * widths[nearest]
+
+
+def solve_columns(k: int) -> int:
+    """Product columns eigsh is planned to take for ``k`` pairs (about ``4 k + 20``)."""
+    return 4 * k + 20
+
+
+def planned_seconds(stages: list[StagePlan]) -> float | None:
+    """The plan's estimated seconds (stages with products); ``None`` when any is not timed."""
+    with_products = [s for s in stages if s.columns is not None]
+    if any(s.seconds is None for s in with_products):
+        return None
+    return sum(float(s.seconds or 0.0) for s in with_products)
 
 
 def planned_columns(num_probes: int, num_iters: int, k: int, bottom_k: int,
@@ -373,21 +485,26 @@ EIGH_SECONDS_PER_CUBE = 21.0 / 4270**3
 def timed_plan(H: HessianOperator, P: int, split: tuple[int, int], num_probes: int,
                papyan: bool) -> dict[str, Any] | None:
     """The estimated seconds of both paths from the operator's timed trial products
-    (:meth:`~curvscope.HessianOperator.measured_seconds_per_column`, first batch): the dense
+    (:meth:`~curvscope.CurvatureOperator.estimated_seconds_per_column`: the first batch's
+    timing scaled to the whole data): the dense
     path forms ``P`` columns of H (and of G with ``papyan``) in blocks of ``DENSE_BLOCK`` and
     runs ``eigh``; the iterative path spends ``split = (densities, solves)`` columns
     (:func:`planned_split`), its densities in products of ``num_probes`` columns, its solves one
-    column at a time.
+    column at a time. Above :data:`EXACT_MAX_PARAMS` the dense path is not timed
+    (``exact_s`` is ``None``: a block of 64 columns of a large model is not worth its memory).
     ``None`` when the operator cannot time its products (a forced engine).
     """
-    block, probes, one = (H.measured_seconds_per_column(c) for c in (DENSE_BLOCK, num_probes, 1))
-    if block is None or probes is None or one is None:
+    widths = (1, num_probes) + ((DENSE_BLOCK,) if P <= EXACT_MAX_PARAMS else ())
+    timed = {w: H.estimated_seconds_per_column(w) for w in widths}
+    if any(t is None for t in timed.values()):
         return None
+    per = {w: float(t) for w, t in timed.items() if t is not None}
     matrices = 2 if papyan else 1
     slq_cols, solve_cols = split
-    return {"exact_s": matrices * (P * block + EIGH_SECONDS_PER_CUBE * P**3),
-            "iterative_s": slq_cols * probes + solve_cols * one,
-            "seconds_per_column": {"1": one, str(num_probes): probes, str(DENSE_BLOCK): block}}
+    return {"exact_s": None if DENSE_BLOCK not in per else
+            matrices * (P * per[DENSE_BLOCK] + EIGH_SECONDS_PER_CUBE * P**3),
+            "iterative_s": slq_cols * per[num_probes] + solve_cols * per[1],
+            "seconds_per_column": {str(w): t for w, t in per.items()}}
 
 
 def _method_reason(use_exact: bool, asked: bool | None, P: int, cols: int, papyan: bool,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from curvscope._atomic import write_atomic
+from curvscope._progress import ProgressUpdate, StagePlan, plan_lines, progress_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -110,24 +111,35 @@ class _Stages:
         self.path = out / "partial.json"
         self.written = False  # whether this run wrote partial.json (an older one may be there)
         self.partial: dict[str, Any] = {}
+        self._shown = 0.0  # when the progress line was last redrawn
         if show:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=len(self.NAMES), desc="curvscope", unit="stage")
+            # the time left is the analysis's (the plan at the run's speed), not tqdm's
+            self.bar = tqdm(total=len(self.NAMES), desc="curvscope", unit="stage",
+                            bar_format="{desc} {n_fmt}/{total_fmt} stages |{bar:12}| "
+                                       "{elapsed}{postfix}")
 
     def __call__(self, name: str, done: dict[str, Any]) -> None:
-        if name == "plan" and self.bar is not None:
+        if name == "plan":  # before the products start: what each stage will take
             plan = done["plan"]
-            est = plan.get("estimated_seconds")
-            self.bar.write(f"plan: {plan['method']}, about {plan['product_columns']:,} product "
-                           "columns" + ("" if est is None else
-                                        f" for the spectra, estimated {est:.0f} s"))
+            for line in plan_lines(plan["method"],
+                                   [StagePlan.from_dict(s) for s in plan["stages"]]):
+                print(line) if self.bar is None else self.bar.write(line)
         self.partial.update(done)
         _write_json_atomic(self.path, {"stages_done": list(self.partial), **self.partial})
         self.written = True
         if self.bar is not None:
             self.bar.set_postfix_str(name)
             self.bar.update(1)
+
+    def progress(self, update: ProgressUpdate) -> None:
+        """After every product: the stage, its columns, the run's and the time left."""
+        now = time.perf_counter()
+        if self.bar is None or now - self._shown < 0.25:
+            return
+        self._shown = now
+        self.bar.set_postfix_str(progress_line(update))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -183,7 +195,8 @@ def _analyse(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, out:
         study = run_study(
             model, loss_fn, data, out=out, test_data=test_data, checkpoints=checkpoints,
             problem_options=opts, k=args.k, budget=args.budget, seed=args.seed,
-            method=args.method, fresh=args.fresh, on_stage=stages, identity=identity,
+            method=args.method, fresh=args.fresh, on_stage=stages,
+            on_progress=stages.progress, identity=identity,
             provenance_extra={"name": name,
                               "command": " ".join(sys.argv[1:]) or args.command})
     except StudyMismatchError as err:

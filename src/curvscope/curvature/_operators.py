@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from curvscope import distributed
+from curvscope._progress import report_product
 from curvscope.curvature._engine_choice import (
     AGREEMENT,
     LOOP_SAMPLE,
@@ -363,6 +364,19 @@ class CurvatureOperator(LinearOperator):
         value = None if record is None else record.get("mean_seconds_per_column")
         return value if isinstance(value, float) else None
 
+    def estimated_seconds_per_column(self, k: int) -> float | None:
+        """Seconds per column of a whole ``k``-column product (every batch of this rank):
+        :meth:`measured_seconds_per_column` on the first batch, scaled by the data,
+        ``t_1 x N / (n_1 W)`` for ``N`` data units over ``W`` ranks and ``n_1`` in the first
+        batch. What a plan multiplies by its columns; ``None`` when not timed.
+        """
+        seconds = self.measured_seconds_per_column(k)
+        record = self.problem.engine_choices.get(self._choice_key(k), {})
+        examples = record.get("examples")
+        if seconds is None or not isinstance(examples, (int, float)) or examples <= 0:
+            return seconds
+        return seconds * self.problem.num_data / (examples * distributed.world()[1])
+
     def _time_products(self, k: int, key: str) -> None:
         """Record under ``key`` the seconds per column of a ``k``-column product (its second
         run on the first batch, agreed over the ranks).
@@ -450,6 +464,7 @@ class CurvatureOperator(LinearOperator):
                 out.add_(extra, alpha=coef)
         self.num_matvecs += X.shape[1]
         self.num_data_passes += 1
+        report_product(X.shape[1])
         return out
 
     def _accumulate_batch(self, batch: Batch, params: dict[str, Tensor],

@@ -92,9 +92,10 @@ def test_the_exact_path_is_chosen_when_it_takes_fewer_products():
     assert not exact_is_cheaper(EXACT_MAX_PARAMS + 1, 10**9, papyan=True)
     assert not exact_is_cheaper(2000, small, papyan=True)  # 4000 columns > the small plan
     default = planned_columns(10, 80, 30, 5, papyan=True)  # 3 densities x 800 + the solves
-    assert default == 3 * 800 + 2 * (4 * 30 + 20) + 4 * 5 + 20
-    assert exact_is_cheaper(1300, default, papyan=True)  # 2 x 1300 dense columns <= 2720
-    assert not exact_is_cheaper(1400, default, papyan=True)
+    # the bottom pairs: 2.5 bases of 60 vectors (bottom_basis)
+    assert default == 3 * 800 + 2 * (4 * 30 + 20) + 150
+    assert exact_is_cheaper(1400, default, papyan=True)  # 2 x 1400 dense columns <= 2830
+    assert not exact_is_cheaper(1450, default, papyan=True)
     a = analyze(_problem(tiny_mlp), budget="small")  # 51 parameters: exact by default
     plan = a.info["method_plan"]
     assert a.info["method"] == "exact" and "timed products" in a.info["method_reason"]

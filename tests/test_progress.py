@@ -178,3 +178,18 @@ def test_a_whole_products_seconds_are_the_first_batchs_scaled_by_the_data():
         assert H.estimated_seconds_per_column(k) == pytest.approx(first * 13 / 5)
     assert cs.HessianOperator(problem, engine="double_backward").estimated_seconds_per_column(1) \
         is None
+
+
+def test_a_stage_that_needs_more_columns_than_planned_does_not_make_the_run_look_slow():
+    """The bottom eigenpairs inside the bulk often take several times their planned columns at
+    the planned speed per column: the time left for the other stages stays as planned."""
+    clock, seen = FakeClock(), []
+    p = Progress(seen.append, clock=clock)
+    p.set_plan([StagePlan("bottom", 10, 10, 10.0), StagePlan("density", 10, 1, 10.0)])
+    p.begin("bottom")
+    for _ in range(30):  # three times the plan, one planned second per column
+        clock.t += 1.0
+        p.add(1)
+    assert seen[-1].eta_s == pytest.approx(10.0)  # bottom may still go on; density is 10 s
+    p.end("bottom")
+    assert seen[-1].eta_s == pytest.approx(10.0)

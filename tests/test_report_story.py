@@ -48,3 +48,22 @@ def test_headline_summary_table_and_json_tell_one_story(make, exact, tmp_path):
     # no other percentage of negative eigenvalues anywhere in the headline
     shown = re.findall(r"(\d+)% of eigenvalues clearly negative", headline)
     assert shown == [f"{neg:.0%}"[:-1]]
+
+
+def test_the_smallest_eigenvalue_carries_its_residual_when_not_converged():
+    """Summary and key-number table give an unconverged smallest eigenvalue with its residual
+    norm as the error bar (it bounds the distance to an eigenvalue of H); a converged one plain."""
+    import dataclasses
+
+    import torch
+
+    tp = tiny_mlp()
+    a = analyze(cs.Problem(tp.model, tp.loss_fn, tp.batches), budget="small", exact=False)
+    lam = float(a.bottom.eigenvalues.min())
+    assert f"(smallest eigenvalue {lam:.3g})" in " ".join(a.summary())
+    b = a.bottom
+    stuck = dataclasses.replace(b, converged=torch.zeros_like(b.converged),
+                                residual_norms=torch.full_like(b.residual_norms, 0.0044))
+    text = " ".join(dataclasses.replace(a, bottom=stuck).summary())
+    value, err = rounded_to_error(lam, 0.0044)
+    assert f"(smallest eigenvalue {value} +- {err}, its residual bound: not converged)" in text

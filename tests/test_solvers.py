@@ -831,3 +831,26 @@ def test_block_orthonormalisation_stays_orthogonal_to_the_basis(dtype, spread):
         eps = torch.finfo(dtype).eps
         assert float((Q.to(F64).T @ out).abs().max()) <= 20 * eps
         assert float((out.T @ out - torch.eye(out.shape[1], dtype=F64)).abs().max()) <= 20 * eps
+
+
+def test_eigsh_says_when_a_stall_is_a_cluster_not_the_precision():
+    """The smallest eigenvalues of a trained net sit in the bulk's cluster near zero: with the
+    default basis eigsh stalls far above float64's precision; the warning says why, each value
+    is within its residual of a true eigenvalue, and the analysis's larger basis converges."""
+    from curvscope.analysis.spectrum import bottom_basis
+
+    n = 1500
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen(1), dtype=F64))
+    lam = torch.cat([torch.linspace(-0.01, 0.01, 1400, dtype=F64),
+                     torch.linspace(0.02, 1.5, 100, dtype=F64)])
+    A = cs.linops.DenseOperator(Q @ torch.diag(lam) @ Q.T)
+    opts = {"which": "SA", "tol": 1e-6, "atol": 1.5e-3, "max_iters": 40}
+    with pytest.warns(ConvergenceWarning, match="clustered") as caught:
+        res = eigsh(A, 5, generator=gen(2), **opts)
+    assert "below the precision" not in str(caught[0].message) and not res.all_converged
+    # Krylov-Weinstein: some eigenvalue within ||Ay - theta y|| of each Ritz value
+    dist = (res.eigenvalues[:, None] - lam[None, :]).abs().min(dim=1).values
+    assert bool((dist <= res.residual_norms + 1e-12).all())
+    wide = eigsh(A, 5, num_vectors=bottom_basis(5, n), generator=gen(2), **opts)
+    assert wide.all_converged and wide.cost.num_matvecs < 2 * res.cost.num_matvecs
+    assert (wide.eigenvalues - lam[:5]).abs().max() < 1.5e-3

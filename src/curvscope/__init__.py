@@ -59,13 +59,16 @@ from curvscope.solvers.sketch import nystrom_eigh, sketch_eigh
 __version__ = "0.1.0"
 
 # the main job (problem -> analysis -> report), as the CLI runs it
+from curvscope._progress import ProgressUpdate, StagePlan  # noqa: E402
 from curvscope.analysis.spectrum import SpectrumAnalysis, analyze  # noqa: E402
 from curvscope.report.bundle import load_bundle, save_bundle  # noqa: E402
 from curvscope.study import Study, StudyMismatchError, run_study  # noqa: E402
 
 __all__ = [
     # the main job
+    "ProgressUpdate",
     "SpectrumAnalysis",
+    "StagePlan",
     "Study",
     "StudyMismatchError",
     "analyze",

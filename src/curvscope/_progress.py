@@ -15,11 +15,12 @@ in this process::
 
     eta = (planned_total - planned_done) * elapsed / planned_done
 
-where ``planned_done`` counts finished stages whole and the running stage by its fraction of
-planned columns (capped at 1: a solver that needs more restarts than planned shows its columns
-beyond the plan, and the estimate stops moving for that stage). Stages read back from a
-checkpoint count as done but not in the ratio, so a resumed run's estimate is its own speed.
-Without timed products (a forced engine) the planned columns stand in for seconds.
+where planned work is counted per column (a stage's planned seconds over its planned columns):
+``planned_done`` for the columns done here, ``planned_total`` for each stage's columns as now
+known (a finished stage's own, a running stage's plan or more: a solver that needs more restarts
+than planned makes its stage bigger, not the run slower). Stages read back from a checkpoint
+count as done but not in the ratio, so a resumed run's estimate is its own speed. Without timed
+products (a forced engine) the planned columns stand in for seconds.
 """
 
 from __future__ import annotations
@@ -236,31 +237,39 @@ class Progress:
             self._unplanned_products[name] = self._unplanned_products.get(name, 0) + 1
         self._notify()
 
-    def _work(self, record: _StageRecord) -> float:
-        """The stage's planned work: its seconds, else its columns, else nothing."""
+    def _rate(self, record: _StageRecord) -> float:
+        """Planned work per column of the stage: its seconds per planned column, else 1 (the
+        columns stand in for seconds when any stage is not timed); 0 without products.
+        """
         p = record.plan
-        if p.columns is None:
+        if not p.columns:
             return 0.0
-        if all(r.plan.seconds is not None for r in self._stages if r.plan.columns is not None):
-            return float(p.seconds or 0.0)
-        return float(p.columns)
+        if all(r.plan.seconds is not None for r in self._stages if r.plan.columns):
+            return float(p.seconds or 0.0) / p.columns
+        return 1.0
 
-    def _fraction(self, record: _StageRecord) -> float:
-        if record.state in ("done", "resumed"):
-            return 1.0
-        if record.state == "pending" or not record.plan.columns:
-            return 0.0
-        return min(record.columns / record.plan.columns, 1.0)
+    def _size(self, record: _StageRecord) -> float:
+        """The stage's columns as now known: a finished stage's own, a running stage's plan
+        or more (a solver that needs more restarts than planned), a pending stage's plan.
+        """
+        planned = float(record.plan.columns or 0)
+        if record.state == "resumed":
+            return planned
+        if record.state == "done":
+            return float(record.columns)
+        return max(planned, float(record.columns))
 
     def eta_seconds(self) -> float | None:
-        """Seconds left, from the plan scaled by this process's speed so far."""
-        total = sum(self._work(r) for r in self._stages)
-        done = sum(self._work(r) * self._fraction(r) for r in self._stages)
-        here = sum(self._work(r) * self._fraction(r) for r in self._stages
-                   if r.state != "resumed")
+        """Seconds left: the planned work still to go, at this process's speed so far (planned
+        work per column, times the columns as now known, see :meth:`_size`).
+        """
+        total = sum(self._rate(r) * self._size(r) for r in self._stages)
+        resumed = sum(self._rate(r) * self._size(r) for r in self._stages
+                      if r.state == "resumed")
+        here = sum(self._rate(r) * r.columns for r in self._stages if r.state != "resumed")
         if here <= 0.0:
             return None
-        return max(total - done, 0.0) * (self.clock() - self._t0) / here
+        return max(total - resumed - here, 0.0) * (self.clock() - self._t0) / here
 
     def update(self) -> ProgressUpdate:
         """Where the run stands now."""

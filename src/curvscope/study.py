@@ -34,6 +34,7 @@ from curvscope.analysis.spectrum import (
     BUDGETS,
     SpectrumAnalysis,
     analyze,
+    bottom_columns,
     estimated_seconds,
     planned_seconds,
     solve_columns,
@@ -220,7 +221,7 @@ def study_stages(plan: Mapping[str, Any], checkpoints: int, test_share: float | 
         out.append(StagePlan("checkpoint_sweep", cols, cols, estimated_seconds(per_column, cols, 1)))
     if test_share is not None:
         probes, steps = BUDGETS["small"]
-        solves = solve_columns(k_sweep) + solve_columns(1)
+        solves = solve_columns(k_sweep) + bottom_columns(1)
         cols = 2 + solves + probes * steps
         one, many = (estimated_seconds(per_column, solves, 1),
                      estimated_seconds(per_column, probes * steps + 2, probes))

@@ -48,7 +48,7 @@ from curvscope.estimators.slq import SpectralDensity, slq
 from curvscope.estimators.stats import student_t_quantile
 from curvscope.solvers._results import ConvergenceWarning, EigenResult
 from curvscope.solvers.dense import DENSE_BLOCK, dense_matrix, eigenpairs, spectrum_of
-from curvscope.solvers.eigsh import eigsh, product_noise
+from curvscope.solvers.eigsh import default_block_size, eigsh, product_noise
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SpectrumAnalysis:
         out.append(f"{neg:.0%} of eigenvalues clearly negative (below -{res:.2g}, the density's "
                    f"resolution), {near:.0%} within +-{res:.2g} of zero; negative eigenvalues "
                    f"carry {mass:.0%} of the spectral mass (smallest eigenvalue "
-                   f"{float(self.bottom.eigenvalues.min()):.3g}).")
+                   f"{self._smallest_eigenvalue()}).")
         tr, half = self.trace_interval()
         how = ("exact: every eigenvalue from the dense Hessian" if self.density.exact else
                f"(95% interval over {self.density.num_probes} probes)")
@@ -157,6 +157,18 @@ class SpectrumAnalysis:
         carrier = "G (the Gauss-Newton part)" if ov >= 0.5 else "not G alone"
         return (f"Outliers carried by {carrier}: {above} of G's eigenvalues above the bulk edge, "
                 f"overlap of the top-{n_out} eigenspaces of H and G {ov:.2f}.")
+
+    def _smallest_eigenvalue(self) -> str:
+        """The smallest eigenvalue found; when its pair did not converge, with its residual norm
+        as the error bar (some eigenvalue of H lies within ``||Hv - lambda v||`` of it), as the
+        key-number table shows it.
+        """
+        i = int(self.bottom.eigenvalues.argmin())
+        lam = float(self.bottom.eigenvalues[i])
+        if bool(self.bottom.converged[i]):
+            return f"{lam:.3g}"
+        return (f"{with_error(lam, float(self.bottom.residual_norms[i]))}, its residual bound: "
+                "not converged")
 
     def negative_part(self) -> dict[str, Any]:
         """The negative part of the spectrum as every view reports it: the fraction of
@@ -278,7 +290,11 @@ def _analyze(problem: Problem, k: int | None, budget: str, seed: int, outlier_th
     cols = sum(split_cols)
 
     def choose(_: Any) -> dict[str, Any]:
-        plan = timed_plan(HessianOperator(problem), P, split_cols, num_probes, papyan)
+        H = HessianOperator(problem)
+        block = default_block_size(H, k)  # eigsh's, from the same timed products
+        plan = timed_plan(H, P, split_cols, num_probes, papyan, solve_block=block)
+        if plan is not None:
+            plan["solve_block"] = block
         if exact is not None:
             use = bool(exact)
         elif plan is not None and plan["exact_s"] is not None:
@@ -291,6 +307,7 @@ def _analyze(problem: Problem, k: int | None, budget: str, seed: int, outlier_th
     use_exact, plan = chosen["use_exact"], chosen["plan"]
     stages = stage_plan(P, use_exact, k, min(bottom_k, P), papyan, num_probes, num_iters,
                         None if plan is None else plan["seconds_per_column"],
+                        solve_block=1 if plan is None else plan.get("solve_block", 1),
                         num_classes=num_classes if num_classes and classes is not False
                         else None)
     progress.set_plan(stages)
@@ -382,13 +399,13 @@ def planned_split(num_probes: int, num_iters: int, k: int, bottom_k: int,
     for the bottom of H.
     """
     densities = 3 if papyan else 1
-    solves = solve_columns(k) * (2 if papyan else 1) + solve_columns(bottom_k)
+    solves = solve_columns(k) * (2 if papyan else 1) + bottom_columns(bottom_k)
     return densities * num_probes * num_iters, solves
 
 
 def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num_probes: int,
                num_iters: int, seconds_per_column: dict[str, float] | None, *,
-               num_classes: int | None) -> list[StagePlan]:
+               num_classes: int | None, solve_block: int = 1) -> list[StagePlan]:
     """The stages the analysis will run, each with its product columns, data passes and
     estimated seconds (from ``seconds_per_column``, the timed products of :func:`timed_plan`,
     keyed by columns per product; ``None``: not timed).
@@ -396,7 +413,9 @@ def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num
     Exact path: ``dense_H`` forms ``P`` columns in blocks of :data:`DENSE_BLOCK` and measures the
     top-``k`` and bottom pairs' residuals with one product each; ``dense_G`` likewise for ``G``
     (top ``k``). Iterative path: the products' noise (one product of 2 columns), eigsh for the
-    top ``k`` (about ``4 k + 20`` single columns) and the bottom pairs (``4 bottom_k + 20``), one
+    top ``k`` (about ``4 k + 20`` columns in blocks of ``solve_block``, eigsh's
+    :func:`~curvscope.solvers.eigsh.default_block_size`) and the bottom pairs
+    (:func:`bottom_columns`, with the larger basis of :func:`bottom_basis`), one
     SLQ density of ``num_probes x num_iters`` columns in ``num_iters`` products (of the deflated
     bulk when there are outliers), and with ``papyan`` G's top pairs and the densities of ``G``
     and ``H - G``. G's products are estimated at H's cost per column. With ``num_classes``
@@ -416,9 +435,10 @@ def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num
             est += EIGH_SECONDS_PER_CUBE * P**3
         return StagePlan(name, P + sum(pairs), passes + len(pairs), est)
 
-    def solve(name: str, wanted: int) -> StagePlan:
-        cols = solve_columns(wanted)
-        return StagePlan(name, cols, cols, seconds(cols, 1))
+    def solve(name: str, wanted: int, cols: int | None = None) -> StagePlan:
+        cols = solve_columns(wanted) if cols is None else cols
+        block = solve_block if wanted >= solve_block else 1
+        return StagePlan(name, cols, -(-cols // block), seconds(cols, block))
 
     def density(name: str, also: tuple[str, ...] = ()) -> StagePlan:
         cols = num_probes * num_iters
@@ -428,7 +448,8 @@ def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num
         stages = [dense("dense_H", (k, bottom_k))] + ([dense("dense_G", (k,))] if papyan else [])
     else:
         stages = [StagePlan("noise", 2, 1, seconds(2, 2)), solve("top", k),
-                  solve("bottom", bottom_k), density("density", also=("bulk_density",))]
+                  solve("bottom", bottom_k, bottom_columns(bottom_k)),
+                  density("density", also=("bulk_density",))]
         if papyan:
             stages += [solve("ggn_top", k), density("ggn_density"), density("residual_density")]
     if num_classes:
@@ -457,6 +478,22 @@ def solve_columns(k: int) -> int:
     return 4 * k + 20
 
 
+def bottom_basis(bottom_k: int, n: int) -> int:
+    """Eigsh's basis for the smallest pairs: ``max(20, 12 bottom_k)`` (capped at ``n``).
+
+    The smallest eigenvalues of a trained net sit at the edge of the bulk near zero, in a
+    cluster (gaps about 1e-4 of ``||H||`` on the demo): with eigsh's default basis
+    (``2 k + 2 b``) restarted Lanczos stalls there (0 of 5 pairs within ``1e-3 ||H||`` after 188
+    columns on the demo); with 60 vectors all 5 are in 144 columns.
+    """
+    return min(max(20, 12 * bottom_k), n)
+
+
+def bottom_columns(bottom_k: int) -> int:
+    """Product columns planned for the smallest pairs: about 2.5 bases (144 on the demo)."""
+    return 5 * max(20, 12 * bottom_k) // 2
+
+
 def planned_seconds(stages: list[StagePlan]) -> float | None:
     """The plan's estimated seconds (stages with products); ``None`` when any is not timed."""
     with_products = [s for s in stages if s.columns is not None]
@@ -483,18 +520,20 @@ EIGH_SECONDS_PER_CUBE = 21.0 / 4270**3
 
 
 def timed_plan(H: HessianOperator, P: int, split: tuple[int, int], num_probes: int,
-               papyan: bool) -> dict[str, Any] | None:
+               papyan: bool, solve_block: int = 1) -> dict[str, Any] | None:
     """The estimated seconds of both paths from the operator's timed trial products
     (:meth:`~curvscope.CurvatureOperator.estimated_seconds_per_column`: the first batch's
     timing scaled to the whole data): the dense
     path forms ``P`` columns of H (and of G with ``papyan``) in blocks of ``DENSE_BLOCK`` and
     runs ``eigh``; the iterative path spends ``split = (densities, solves)`` columns
     (:func:`planned_split`), its densities in products of ``num_probes`` columns, its solves one
-    column at a time. Above :data:`EXACT_MAX_PARAMS` the dense path is not timed
+    column at a time (``solve_block`` columns when eigsh takes blocks; that width is timed
+    too, for the stage plan). Above :data:`EXACT_MAX_PARAMS` the dense path is not timed
     (``exact_s`` is ``None``: a block of 64 columns of a large model is not worth its memory).
     ``None`` when the operator cannot time its products (a forced engine).
     """
-    widths = (1, num_probes) + ((DENSE_BLOCK,) if P <= EXACT_MAX_PARAMS else ())
+    widths = tuple(sorted({1, solve_block, num_probes}
+                          | ({DENSE_BLOCK} if P <= EXACT_MAX_PARAMS else set())))
     timed = {w: H.estimated_seconds_per_column(w) for w in widths}
     if any(t is None for t in timed.values()):
         return None
@@ -607,7 +646,8 @@ def _iterative_spectra(problem: Problem, k: int, bottom_k: int, papyan: bool, nu
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             found = eigsh(H, bottom_k, which="SA", generator=gen(2), tol=tol, atol=atol,
-                          max_iters=40, checkpoint=inside)
+                          max_iters=40, num_vectors=bottom_basis(bottom_k, problem.num_params),
+                          checkpoint=inside)
         return {"result": found, "notes": [str(w.message) for w in caught]}
 
     low = store.run("bottom", bottom_stage)

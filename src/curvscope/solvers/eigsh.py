@@ -324,7 +324,16 @@ def eigsh(
         # X (the next Krylov block) is orthogonal to the old basis, hence to the kept Ritz vectors
     result = EigenResult(theta_w, Y, res, converged, "lanczos", which, tol, restarts,
                          counted.cost())
-    return _finish(result, strict, stagnated)
+    return _finish(result, strict, stagnated, float(anorm), _ritz_gaps(theta, want))
+
+
+def _ritz_gaps(theta: Tensor, want: Tensor) -> Tensor:
+    """Each wanted Ritz value's distance to the nearest other Ritz value (``inf`` alone)."""
+    if theta.numel() < 2:
+        return torch.full((want.numel(),), math.inf, dtype=theta.dtype)
+    d = (theta[want, None] - theta[None, :]).abs()
+    d[torch.arange(want.numel()), want] = math.inf
+    return d.min(dim=1).values
 
 
 class _Basis:
@@ -374,14 +383,45 @@ def _stagnated(history: list[float]) -> bool:
     return min(history[-w:]) > 0.9 * min(history[:-w])
 
 
-def _finish(result: EigenResult, strict: bool, stagnated: bool = False) -> EigenResult:
+#: A wanted Ritz value closer than this fraction of ``||A||`` to another is in a cluster.
+CLUSTER_GAP = 1e-2
+
+
+def _stall_reason(result: EigenResult, anorm: float, gaps: Tensor) -> str:
+    """Why restarted Lanczos stopped improving. ``gaps``: each wanted Ritz value's distance to
+    the nearest other Ritz value of the basis. Well separated values that stall are limited by
+    the products' precision; values in a cluster (gap below ``CLUSTER_GAP ||A||``) converge
+    slowly whatever the precision, and their residual still bounds each one's error (for
+    symmetric ``A`` and a unit ``y``, some eigenvalue lies within ``||A y - theta y||`` of
+    ``theta``).
+    """
+    stuck = ~result.converged
+    worst = float(result.residual_norms[stuck].max())
+    gap = float(gaps.to(result.residual_norms.device)[stuck].min())
+    if gap > CLUSTER_GAP * anorm:
+        return (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
+                "probably below the precision of the products (use a larger tol, or float64 via "
+                "Problem(accumulate_dtype=torch.float64) and a float64 model)")
+    return (f"stopped after {result.num_iters} restarts without progress: these eigenvalues "
+            f"are clustered (gaps down to {gap:.2g}, {gap / anorm:.1e} of ||A||), which slows "
+            "restarted Lanczos whatever the precision; ask for fewer pairs or a larger basis "
+            f"(num_vectors), or read each eigenvalue as +- its residual norm (up to {worst:.2g}), "
+            "which bounds its distance to an eigenvalue of A")
+
+
+def _finish(result: EigenResult, strict: bool, stagnated: bool = False,
+            anorm: float | None = None, gaps: Tensor | None = None) -> EigenResult:
     if result.all_converged:
         return result
     bad = int((~result.converged).sum())
-    why = (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
-           "probably below the precision of the products (use a larger tol, or float64 via "
-           "Problem(accumulate_dtype=torch.float64) and a float64 model)"
-           if stagnated else f"in {result.num_iters} iterations; raise max_iters or tol")
+    if stagnated and anorm and gaps is not None:
+        why = _stall_reason(result, anorm, gaps)
+    elif stagnated:
+        why = (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
+               "probably below the precision of the products (use a larger tol, or float64 via "
+               "Problem(accumulate_dtype=torch.float64) and a float64 model)")
+    else:
+        why = f"in {result.num_iters} iterations; raise max_iters or tol"
     worst = float(result.relative_residuals[~result.converged].max())
     message = (f"{result.method}: {bad} of {result.k} eigenpairs did not reach the relative "
                f"residual {result.tol:g} (worst of those {worst:.2e}); {why}.")

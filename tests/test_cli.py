@@ -401,8 +401,14 @@ def _shape(sentence: str) -> str:
 def test_readme_sample_is_what_the_demo_says(demo_bundle):
     """The README's sample summary is the demo's summary sentence for sentence, numbers aside."""
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    sample = re.search(r"```\ngaussian_mixture\(C=10\).*?```", readme, flags=re.S).group(0)
+    sample = re.search(r"```\nplan: .*?\ngaussian_mixture\(C=10\).*?```", readme,
+                       flags=re.S).group(0)
     told = [line[4:] for line in sample.splitlines() if line.startswith("  - ")]
+    # the plan printed before the products: every stage the analysis ran, in its words
+    planned = re.findall(r"^  (\w+): [\d,]+ columns, [\d,]+ passes, ~\d+ s$", sample, flags=re.M)
+    ran = [r["name"] for r in load_bundle(demo_bundle).analysis.info["progress"]
+           if r["state"] != "unplanned"]
+    assert planned[:len(ran)] == ran and planned[len(ran):] == ["checkpoint_sweep", "test"]
     analysis_lines = [t for t in told if not re.match(r"(checkpoints|mask overlap|test): ", t)]
     summary = load_bundle(demo_bundle).summary
     assert len(analysis_lines) == len(summary)

@@ -164,6 +164,9 @@ def test_the_plan_and_the_progress_in_words():
                          "  density: 800 columns, 80 passes, ~2 min",
                          "  classes: no curvature products"]
     p = Progress(clock=FakeClock())
+    p.begin("plan")
+    assert progress_line(p.update()) == "plan: timing products"
+    p.end("plan")
     p.set_plan([StagePlan("top", 84, 84, 9.0)])
     p.begin("top")
     assert progress_line(p.update()) == "top 0/84 · 0/84 columns"
@@ -193,3 +196,22 @@ def test_a_stage_that_needs_more_columns_than_planned_does_not_make_the_run_look
     assert seen[-1].eta_s == pytest.approx(10.0)  # bottom may still go on; density is 10 s
     p.end("bottom")
     assert seen[-1].eta_s == pytest.approx(10.0)
+
+
+def test_the_study_plans_its_checkpoint_sweep_and_test_analysis():
+    from curvscope.study import study_stages, with_stages
+
+    plan = {"k": 30, "solve_block": 4, "seconds_per_column": {"1": 0.01, "4": 0.004, "10": 0.002},
+            "stages": [StagePlan("top", 140, 35, 0.56).to_dict()], "method": "iterative"}
+    sweep, test = study_stages(plan, checkpoints=5, test_share=0.5)
+    # min(k, 20) = 20 pairs: 4 x 20 + 20 = 100 columns per checkpoint, in blocks of 4
+    assert (sweep.name, sweep.columns, sweep.passes) == ("checkpoint_sweep", 500, 125)
+    assert sweep.seconds == pytest.approx(500 * 0.004)
+    # the test analysis: noise 2, top 100, bottom (one pair) 50, SLQ 4 x 40; half the data
+    assert (test.name, test.columns) == ("test", 2 + 100 + 50 + 160)
+    assert test.seconds == pytest.approx(((100 + 50) * 0.01 + 162 * 0.004) * 0.5)
+    both = with_stages(plan, [sweep, test])
+    assert [s["name"] for s in both["stages"]] == ["top", "checkpoint_sweep", "test"]
+    assert both["product_columns"] == 140 + 500 + 312
+    assert both["estimated_seconds"] == pytest.approx(0.56 + sweep.seconds + test.seconds)
+    assert study_stages(plan, checkpoints=0, test_share=None) == []

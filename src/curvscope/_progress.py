@@ -116,6 +116,8 @@ class ProgressUpdate:
 
 def progress_line(update: ProgressUpdate) -> str:
     """One line for a progress bar: ``top 44/84 · 1,082/2,642 columns · about 6 s left``."""
+    if not update.planned:  # before the plan: the products are being timed
+        return f"{update.stage or 'starting'}: timing products"
     parts = []
     if update.stage is not None:
         planned = "" if update.stage_planned is None else f"/{update.stage_planned:,}"

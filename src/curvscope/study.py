@@ -210,15 +210,20 @@ def study_stages(plan: Mapping[str, Any], checkpoints: int, test_share: float | 
                  ) -> list[StagePlan]:
     """The stages :func:`run_study` adds to the analysis's ``plan`` (as the ``plan`` stage
     emits it): top eigenvalues at each of ``checkpoints`` saved checkpoints (one eigsh for
-    ``min(k, 20)`` pairs each), and the small analysis of the test data (``test_share``: its
-    size relative to the training data, which scales the timed seconds).
+    ``min(k, 20)`` pairs each, in the plan's eigsh blocks), and the small analysis of the test
+    data (``test_share``: its size relative to the training data, which scales the timed
+    seconds).
     """
     k_sweep = min(int(plan["k"]), 20)
     per_column = plan.get("seconds_per_column")
     out = []
+    block = int(plan.get("solve_block") or 1)
+    block = block if k_sweep >= block else 1
     if checkpoints:
         cols = checkpoints * solve_columns(k_sweep)
-        out.append(StagePlan("checkpoint_sweep", cols, cols, estimated_seconds(per_column, cols, 1)))
+        passes = checkpoints * -(-solve_columns(k_sweep) // block)
+        out.append(StagePlan("checkpoint_sweep", cols, passes,
+                             estimated_seconds(per_column, cols, block)))
     if test_share is not None:
         probes, steps = BUDGETS["small"]
         solves = solve_columns(k_sweep) + bottom_columns(1)

@@ -315,6 +315,7 @@ def _analyze(problem: Problem, k: int | None, budget: str, seed: int, outlier_th
                   "product_columns": sum(s.columns or 0 for s in stages),
                   "estimated_seconds": planned_seconds(stages),
                   "stages": [s.to_dict() for s in stages], "k": k,
+                  "solve_block": 1 if plan is None else plan.get("solve_block", 1),
                   "seconds_per_column": None if plan is None else plan["seconds_per_column"]})
     if use_exact:
         spectra = _exact_spectra(problem, k, min(bottom_k, P), papyan, emit, store)

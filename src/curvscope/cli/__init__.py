@@ -112,6 +112,7 @@ class _Stages:
         self.written = False  # whether this run wrote partial.json (an older one may be there)
         self.partial: dict[str, Any] = {}
         self._shown = 0.0  # when the progress line was last redrawn
+        self._stage: str | None = None  # and for which stage
         if show:
             from tqdm.auto import tqdm
 
@@ -136,9 +137,9 @@ class _Stages:
     def progress(self, update: ProgressUpdate) -> None:
         """After every product: the stage, its columns, the run's and the time left."""
         now = time.perf_counter()
-        if self.bar is None or now - self._shown < 0.25:
-            return
-        self._shown = now
+        if self.bar is None or (now - self._shown < 0.25 and update.stage == self._stage):
+            return  # redrawn at most 4 times a second, and whenever the stage changes
+        self._shown, self._stage = now, update.stage
         self.bar.set_postfix_str(progress_line(update))
 
     def close(self) -> None:

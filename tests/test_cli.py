@@ -60,9 +60,9 @@ def test_compare_two_bundles(demo_bundle, tmp_path, capsys):
     assert rows["outliers"][0] == rows["outliers"][1]
     assert doc["differences"] == [] and "note:" not in table  # like for like: nothing to say
     # the same figure as the bundle's own report: the trace with its 95 % interval
-    kn = load_bundle(demo_bundle).key_numbers["trace"]
-    told = with_error(kn["value"], kn["interval_95"])
-    assert rows["trace"][0] == f"{told} (95%)" + ("" if kn["resolved"] else ", unresolved")
+    tr = load_bundle(demo_bundle).key_numbers.trace
+    told = with_error(tr.value, tr.interval_95)
+    assert rows["trace"][0] == f"{told} (95%)" + ("" if tr.resolved else ", unresolved")
     assert told in (tmp_path / "compare.html").read_text()
     assert told in " ".join(load_bundle(demo_bundle).summary)
 

@@ -113,3 +113,28 @@ def test_a_sample_size_sweep_renders_in_a_bundle(study, tmp_path):
     save_bundle(s.analysis, tmp_path, extras={"sizes": sweep})
     assert (tmp_path / "sweep_sizes.png").exists()
     assert load_bundle(tmp_path).extras["sizes"] == sweep
+
+
+def test_key_numbers_round_trip_through_result_json(tmp_path):
+    """The page reads typed key numbers back from result.json: every figure as it was saved."""
+    import json
+
+    import curvscope as cs
+    from curvscope.analysis.key_numbers import KeyNumbers, key_numbers
+    from curvscope.analysis.spectrum import analyze
+    from curvscope.report import load_bundle, save_bundle
+    from curvscope.testing import tiny_mlp
+
+    tp = tiny_mlp("classification")
+    a = analyze(cs.Problem(tp.model, tp.loss_fn, tp.batches), budget="small", exact=False)
+    kn = key_numbers(a)
+    save_bundle(a, tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())["key_numbers"]
+    back = load_bundle(tmp_path).key_numbers
+    assert isinstance(back, KeyNumbers) and back.to_dict() == saved
+    assert back.trace == kn.trace and back.outliers == kn.outliers
+    assert back.smallest_eigenvalue.value == float(a.bottom.eigenvalues.min())
+    assert set(back.terms) == {"ggn_density", "residual_density"} | (
+        {"bulk_density"} if a.bulk_density is not None else set())
+    assert back.class_overlaps == kn.class_overlaps and back.class_overlaps
+    assert KeyNumbers.from_dict({}) == KeyNumbers()  # a partial document: nothing invented

@@ -49,7 +49,7 @@ import numpy as np
 from torch import Tensor
 
 from curvscope._atomic import atomic_file, write_atomic
-from curvscope.analysis.key_numbers import key_numbers, total_cost
+from curvscope.analysis.key_numbers import KeyNumbers, key_numbers, total_cost
 from curvscope.analysis.sections import SECTION_TYPES
 from curvscope.analysis.spectrum import SpectrumAnalysis
 from curvscope.report._codec import (
@@ -156,7 +156,7 @@ def bundle_dict(
         "kind": KIND,
         "provenance": jsonable(_run_provenance(analysis, provenance)),
         "summary": analysis.summary(),
-        "key_numbers": jsonable(key_numbers(analysis)),
+        "key_numbers": jsonable(key_numbers(analysis).to_dict()),
         "info": to_document(dict(analysis.info), "info", arrays),
         "analysis": parts,
         "extras": {str(name): to_document(section, f"extras.{name}", arrays)
@@ -252,7 +252,7 @@ class LoadedBundle:
     provenance: dict[str, Any]
     extras: dict[str, Any]
     summary: list[str]
-    key_numbers: dict[str, Any]
+    key_numbers: KeyNumbers
     plots: list[str] | str
     path: Path
     document: dict[str, Any] = field(repr=False)
@@ -363,4 +363,5 @@ def load_bundle(path: str | os.PathLike[str]) -> LoadedBundle:
         raise BundleError(f"{json_path}: the analysis cannot be rebuilt ({err}); the file is "
                           "corrupted.") from err
     return LoadedBundle(analysis, doc.get("provenance", {}), extras, list(doc.get("summary", [])),
-                        doc.get("key_numbers", {}), doc.get("plots", []), folder, doc)
+                        KeyNumbers.from_dict(doc.get("key_numbers")), doc.get("plots", []),
+                        folder, doc)

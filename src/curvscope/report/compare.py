@@ -12,54 +12,55 @@ from collections.abc import Mapping
 from typing import Any
 
 from curvscope.analysis.formatting import with_error
+from curvscope.analysis.key_numbers import Eigenvalue, Estimate, TraceNumbers
 from curvscope.report.bundle import LoadedBundle
 
 __all__ = ["compare_bundles", "render_compare_html"]
 
 
-def _pm(entry: Any, digits: int = 4) -> str:
-    """``value +- 95 % half-width`` (``exact``), as the report's key table shows a trace."""
-    if not isinstance(entry, Mapping) or entry.get("value") is None:
+def _pm(entry: TraceNumbers | Eigenvalue | None, digits: int = 4) -> str:
+    """``value +- 95 % half-width`` (``exact``), as the report's key table shows a trace; an
+    eigenvalue with its residual.
+    """
+    if entry is None:
         return "—"
-    value = f"{entry['value']:.{digits}g}"
-    if entry.get("exact"):
+    value = f"{entry.value:.{digits}g}"
+    if isinstance(entry, Eigenvalue):
+        return f"{value} (residual {entry.residual_norm:.1g})"
+    if entry.exact:
         return f"{value} (exact)"
-    if entry.get("interval_95") is not None:
-        text = f"{with_error(entry['value'], entry['interval_95'])} (95%)"
-        return text if entry.get("resolved", True) else text + ", unresolved"
-    if entry.get("residual_norm") is not None:
-        return f"{value} (residual {entry['residual_norm']:.1g})"
-    return value
+    text = f"{with_error(entry.value, entry.interval_95)} (95%)"
+    return text if entry.resolved else text + ", unresolved"
 
 
-def _fraction(entry: Any) -> str:
-    if not isinstance(entry, Mapping) or entry.get("value") is None:
+def _fraction(entry: Estimate | None) -> str:
+    if entry is None:
         return "—"
-    return f"{entry['value']:.1%} +- {entry.get('std_error', 0.0):.1%} (s.e.)"
+    return f"{entry.value:.1%} +- {entry.std_error or 0.0:.1%} (s.e.)"
 
 
 def _rows(b: LoadedBundle) -> dict[str, str]:
     kn, info = b.key_numbers, b.analysis.info
-    out = kn.get("outliers") or {}
-    sure = out.get("confidence", "clear")
-    edge = out.get("bulk_edge")
+    out = kn.outliers
+    count = 0 if out is None else out.count
+    sure = "clear" if out is None else out.confidence
+    edge = None if out is None else out.bulk_edge
     return {
         "model": str(b.provenance.get("name", "?")),
         "parameters": f"{info['num_params']:,}",
         "examples": f"{info['num_data']:,} {info.get('data_unit', '')}".strip(),
         "classes": str(info.get("num_classes")),
         "dtype": str(info.get("dtype")),
-        "method": str(kn.get("method", info.get("method", "iterative"))),
+        "method": kn.method,
         "budget": str(info.get("budget")),
-        "outliers": f"{out.get('count', 0)}" + (f" ({sure})" if out.get("count") and
-                                                sure != "clear" else ""),
-        "largest eigenvalue": _pm(kn.get("largest_eigenvalue")),
+        "outliers": f"{count}" + (f" ({sure})" if count and sure != "clear" else ""),
+        "largest eigenvalue": _pm(kn.largest_eigenvalue),
         "bulk edge": "—" if edge is None else f"{edge:.4g}",
-        "trace": _pm(kn.get("trace")),
-        "clearly negative": _fraction(kn.get("negative_fraction")),
-        "within resolution of zero": _fraction(kn.get("near_zero_fraction")),
-        "overlap H/G": "—" if kn.get("overlap_hessian_ggn") is None else
-        f"{kn['overlap_hessian_ggn']:.3f}",
+        "trace": _pm(kn.trace),
+        "clearly negative": _fraction(kn.negative_fraction),
+        "within resolution of zero": _fraction(kn.near_zero_fraction),
+        "overlap H/G": "—" if kn.overlap_hessian_ggn is None else
+        f"{kn.overlap_hessian_ggn:.3f}",
     }
 
 

@@ -19,6 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from curvscope.analysis.formatting import rounded_to_error
+from curvscope.analysis.key_numbers import (
+    TERM_SPECTRA,
+    Eigenvalue,
+    Estimate,
+    KeyNumbers,
+    TraceNumbers,
+)
 
 __all__ = ["CAPTIONS", "render_html"]
 
@@ -133,24 +140,23 @@ def _num(x: Any, digits: int = 4) -> str:
     return _e(x)
 
 
-def _pm(d: Any) -> tuple[str, str]:
-    """``(value, error)`` cells of ``{"value", "std_error"}`` / ``{"value", "residual_norm"}``; a
-    value with an error bar is rounded to the digit the bar resolves
-    (:mod:`curvscope.analysis.formatting`).
+def _pm(d: TraceNumbers | Estimate | Eigenvalue | None) -> tuple[str, str]:
+    """``(value, error)`` cells of a key number; a value with an error bar is rounded to the
+    digit the bar resolves (:mod:`curvscope.analysis.formatting`).
     """
-    if not isinstance(d, Mapping):
-        return _num(d), ""
-    if d.get("exact"):
-        return _num(d.get("value")), "exact"
-    if d.get("interval_95") is not None and isinstance(d.get("value"), float):
-        value, err = rounded_to_error(d["value"], d["interval_95"])
+    if d is None:
+        return _num(None), ""
+    if isinstance(d, TraceNumbers):
+        if d.exact:
+            return _num(d.value), "exact"
+        value, err = rounded_to_error(d.value, d.interval_95)
         return value, f"± {err} (95%)"
-    if d.get("std_error") is not None and isinstance(d.get("value"), float):
-        value, err = rounded_to_error(d["value"], d["std_error"])
-        return value, (f"± {err}" if err else "")
-    err = d.get("std_error", d.get("residual_norm"))
-    label = "± " if "std_error" in d else "residual "
-    return _num(d.get("value")), ("" if err is None else label + _num(err, 2))
+    if isinstance(d, Eigenvalue):
+        return _num(d.value), "residual " + _num(d.residual_norm, 2)
+    if d.std_error is None:
+        return _num(d.value), ""
+    value, err = rounded_to_error(d.value, d.std_error)
+    return value, (f"± {err}" if err else "")
 
 
 def _table(rows: list[list[str]], head: list[str] | None = None, num_cols: set[int] | None = None,
@@ -176,102 +182,96 @@ def _img(name: str, png: bytes, caption: str) -> str:
 
 # ----------------------------------------------------------------------------- sections
 def _headline(doc: Mapping[str, Any]) -> str:
-    kn = doc.get("key_numbers", {})
+    kn = KeyNumbers.from_dict(doc.get("key_numbers"))
     prov = doc.get("provenance", {})
     parts = []
-    out = kn.get("outliers") or {}
+    out = kn.outliers
     C = prov.get("num_classes")
-    if out:
-        n = out.get("count", 0)
-        sure = out.get("confidence", "clear")
+    if out is not None:
+        n = out.count
         parts.append(f"{n} outlier{'s' if n != 1 else ''}" + (f" for {C} classes" if C else "")
-                     + (f" ({sure})" if n and sure != "clear" else ""))
-    ov = kn.get("overlap_hessian_ggn")
-    if ov is not None and out.get("count"):
-        above = kn.get("ggn_above_edge")
-        if above == 0:
+                     + (f" ({out.confidence})" if n and out.confidence != "clear" else ""))
+    ov = kn.overlap_hessian_ggn
+    if ov is not None and out is not None and out.count:
+        if kn.ggn_above_edge == 0:
             parts.append("G has no eigenvalue above the bulk edge")
         else:
             parts.append(("outliers carried by G" if ov >= 0.5 else
                           "outliers not carried by G alone") + f" (overlap {ov:.2f})")
-    nf, nz = kn.get("negative_fraction"), kn.get("near_zero_fraction")
-    if isinstance(nf, Mapping) and nf.get("value") is not None:
-        text = f"{nf['value']:.0%} of eigenvalues clearly negative"
-        if isinstance(nz, Mapping) and nz.get("value") is not None:
-            text += f", {nz['value']:.0%} within ±{_num(kn.get('resolution'), 2)} of zero"
+    nf, nz = kn.negative_fraction, kn.near_zero_fraction
+    if nf is not None:
+        text = f"{nf.value:.0%} of eigenvalues clearly negative"
+        if nz is not None:
+            text += f", {nz.value:.0%} within ±{_num(kn.resolution, 2)} of zero"
         parts.append(text)
-    tr = kn.get("trace")
-    if isinstance(tr, Mapping) and tr.get("value") is not None:
+    tr = kn.trace
+    if tr is not None:
         value, err = _pm(tr)
-        unresolved = "" if tr.get("resolved", True) else " (unresolved: more probes needed)"
+        unresolved = "" if tr.resolved else " (unresolved: more probes needed)"
         parts.append(f"trace {value} {err}{unresolved}")
-    co = kn.get("class_overlaps") or {}
-    if "G1" in co:
-        parts.append(f"class means (G1) overlap {co['G1']:.2f} with the outlier space")
+    if "G1" in kn.class_overlaps:
+        parts.append(f"class means (G1) overlap {kn.class_overlaps['G1']:.2f} with the outlier "
+                     "space")
     return "; ".join(parts) + "." if parts else ""
 
 
 def _key_table(doc: Mapping[str, Any]) -> str:
-    kn = doc.get("key_numbers", {})
+    kn = KeyNumbers.from_dict(doc.get("key_numbers"))
     rows: list[list[str]] = []
 
-    def add(name: str, d: Any, note: str = "") -> None:
+    def add(name: str, d: TraceNumbers | Estimate | Eigenvalue | None, note: str = "") -> None:
         v, err = _pm(d)
         rows.append([_e(name), v, err, note])
 
-    exact = kn.get("method") == "exact"
-    add("trace tr H" + (" (exact)" if exact else " (SLQ)"), kn.get("trace"),
+    exact = kn.method == "exact"
+    add("trace tr H" + (" (exact)" if exact else " (SLQ)"), kn.trace,
         "every eigenvalue from the dense Hessian" if exact else
         "error: 95% interval (Student t over the probes)")
-    lam = kn.get("largest_eigenvalue")
-    if lam:
-        add("largest eigenvalue λ_max", lam, "error: ||Hv - λv||")
-    lam = kn.get("smallest_eigenvalue")
-    if lam:
-        add("smallest eigenvalue λ_min", lam, "error: ||Hv - λv||")
-    b = kn.get("spectrum_bounds")
+    if kn.largest_eigenvalue is not None:
+        add("largest eigenvalue λ_max", kn.largest_eigenvalue, "error: ||Hv - λv||")
+    if kn.smallest_eigenvalue is not None:
+        add("smallest eigenvalue λ_min", kn.smallest_eigenvalue, "error: ||Hv - λv||")
+    b = kn.spectrum_bounds
     if b:
         rows.append(["spectrum bounds" + (" (exact)" if exact else " (SLQ)"),
                      f"[{_num(b[0])}, {_num(b[1])}]", "",
                      "smallest and largest eigenvalue" if exact else
                      "from Ritz values and residuals"])
-    res = _num(kn.get("resolution"), 2)
-    add(f"fraction of eigenvalues clearly negative (below -{res})", kn.get("negative_fraction"),
+    res = _num(kn.resolution, 2)
+    add(f"fraction of eigenvalues clearly negative (below -{res})", kn.negative_fraction,
         "the density's resolution: " + ("the products' rounding" if exact else "its width"))
-    if kn.get("near_zero_fraction") is not None:
-        add(f"fraction within ±{res} of zero (sign not resolved)", kn.get("near_zero_fraction"))
-    add("share of spectral mass that is negative", kn.get("negative_mass"))
-    out = kn.get("outliers") or {}
-    if out:
-        sure = out.get("confidence", "clear")
-        rows.append(["outliers (eigengap rule)", _num(out.get("count")), _e(str(sure)),
-                     _e(out.get("evidence") or
-                        f"largest j with λ_j/λ_(j+1) ≥ {_num(out.get('threshold'))}; ratio at "
-                        f"the split {_num(out.get('gap_ratio'))}")])
-        edge_slq = out.get("bulk_edge_slq")
-        if out.get("bulk_edge") is not None:  # no outliers: no bulk edge
-            rows.append(["bulk edge", _num(out.get("bulk_edge")), "",
-                         "λ_(j+1) from Lanczos" + (f"; deflated-SLQ bound {_num(edge_slq)}"
-                                                   if edge_slq is not None else "")])
-    pl = kn.get("bulk_power_law")
-    if pl:
-        rows.append(["bulk tail exponent α (λ_j ~ j^-α)", _num(pl.get("exponent")),
-                     "± " + _num(pl.get("std_error"), 2), f"{pl.get('num_points')} eigenvalues"])
-    if kn.get("overlap_hessian_ggn") is not None:
-        rows.append(["overlap of H's and G's top spaces", _num(kn["overlap_hessian_ggn"]), "",
+    if kn.near_zero_fraction is not None:
+        add(f"fraction within ±{res} of zero (sign not resolved)", kn.near_zero_fraction)
+    add("share of spectral mass that is negative", kn.negative_mass)
+    out = kn.outliers
+    if out is not None:
+        rows.append(["outliers (eigengap rule)", _num(out.count), _e(str(out.confidence)),
+                     _e(out.evidence or
+                        f"largest j with λ_j/λ_(j+1) ≥ {_num(out.threshold)}; ratio at "
+                        f"the split {_num(out.gap_ratio)}")])
+        if out.bulk_edge is not None:  # no outliers: no bulk edge
+            rows.append(["bulk edge", _num(out.bulk_edge), "",
+                         "λ_(j+1) from Lanczos" + (f"; deflated-SLQ bound {_num(out.bulk_edge_slq)}"
+                                                   if out.bulk_edge_slq is not None else "")])
+    pl = kn.bulk_power_law
+    if pl is not None:
+        rows.append(["bulk tail exponent α (λ_j ~ j^-α)", _num(pl.exponent),
+                     "± " + _num(pl.std_error, 2), f"{pl.num_points} eigenvalues"])
+    if kn.overlap_hessian_ggn is not None:
+        rows.append(["overlap of H's and G's top spaces", _num(kn.overlap_hessian_ggn), "",
                      "1: same space; chance r/P"])
-    for name, label in (("ggn_density", "G"), ("residual_density", "H - G"),
-                        ("bulk_density", "bulk (outliers deflated)")):
-        if f"{name}_trace" in kn:
-            add(f"trace of {label} (SLQ)", kn[f"{name}_trace"],
-                f"spectrum in [{_num(kn[f'{name}_bounds'][0])}, {_num(kn[f'{name}_bounds'][1])}]")
-    for term, ov in (kn.get("class_overlaps") or {}).items():
-        n_above = (kn.get("class_outliers") or {}).get(term)
-        tr = (kn.get("class_traces") or {}).get(term)
-        rows.append([f"class term {_e(term.replace('G12', 'G1+2'))}: overlap with outlier space",
+    for name, label in TERM_SPECTRA:
+        term = kn.terms.get(name)
+        if term is not None:
+            add(f"trace of {label} (SLQ)", term.trace,
+                f"spectrum in [{_num(term.bounds[0])}, {_num(term.bounds[1])}]")
+    for name, ov in kn.class_overlaps.items():
+        n_above = kn.class_outliers.get(name)
+        tr = kn.class_traces.get(name)
+        rows.append([f"class term {_e(name.replace('G12', 'G1+2'))}: overlap with outlier space",
                      _num(ov), "", f"{n_above} eigenvalues above the bulk edge; trace {_num(tr)}"])
-    conv = [kn.get("top_converged"), kn.get("bottom_converged")]
-    rows.append(["eigenpairs converged (top, bottom)", _e(f"{conv[0]}, {conv[1]}"), "", ""])
+    rows.append(["eigenpairs converged (top, bottom)",
+                 _e(f"{kn.top_converged}, {kn.bottom_converged}"), "", ""])
     return _table(rows, ["quantity", "value", "error bar / residual", "note"], {1, 2})
 
 
@@ -438,7 +438,7 @@ def render_html(bundle_dict: Mapping[str, Any], images: Mapping[str, bytes]) -> 
                     + "".join(f"<li>{_e(s)}</li>" for s in summary) + "</ul>")
     if doc.get("key_numbers"):
         body.append("<h2 id='numbers'>Key numbers</h2>" + _key_table(doc))
-        parts = doc["key_numbers"].get("eigenpairs", {}) or {}
+        parts = KeyNumbers.from_dict(doc["key_numbers"]).eigenpairs
         body.append(_eigen_table(parts.get("top"), "Top eigenpairs of H"))
         body.append(_eigen_table(parts.get("bottom"), "Bottom eigenpairs of H"))
         body.append(_eigen_table(parts.get("ggn_top"), "Top eigenpairs of G"))

@@ -12,7 +12,7 @@ from curvscope._progress import (
     progress_line,
 )
 from curvscope._stages import StageStore
-from curvscope.analysis.spectrum import analyze
+from curvscope.analysis.spectrum import analyze, estimated_seconds
 from curvscope.testing import tiny_cnn, tiny_mlp
 
 
@@ -148,6 +148,14 @@ def test_the_analysis_plan_against_what_its_stages_took(exact):
         assert rows["density"]["also"] == ["bulk_density"]
         assert rows["density"]["done_columns"] == rows["density"]["columns"] == 4 * 40
         assert rows["residual_density"]["done_columns"] == 4 * 40, density
+        # G's stages are planned from G's own timed products, H's and H - G's from H's
+        timed = a.info["method_plan"]
+        g = timed["ggn_seconds_per_column"]
+        assert g and set(g) == set(timed["seconds_per_column"])
+        assert stages["ggn_density"]["seconds"] == pytest.approx(estimated_seconds(g, 160, 4))
+        for name in ("density", "residual_density"):
+            assert stages[name]["seconds"] == pytest.approx(
+                estimated_seconds(timed["seconds_per_column"], 160, 4))
     columns = [u.columns for u in seen]
     assert columns == sorted(columns) and columns[-1] == sum(r["done_columns"] for r in rows.values())
     assert seen[-1].eta_s == pytest.approx(0.0) and seen[-1].stages_done == len(stages)

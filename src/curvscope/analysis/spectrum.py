@@ -295,6 +295,11 @@ def _analyze(problem: Problem, k: int | None, budget: str, seed: int, outlier_th
         plan = timed_plan(H, P, split_cols, num_probes, papyan, solve_block=block)
         if plan is not None:
             plan["solve_block"] = block
+            if papyan:  # G's products have their own cost (no second derivatives)
+                G = GGNOperator(problem)
+                ggn = {w: G.estimated_seconds_per_column(int(w)) for w in plan["seconds_per_column"]}
+                plan["ggn_seconds_per_column"] = (None if any(t is None for t in ggn.values())
+                                                  else ggn)
         if exact is not None:
             use = bool(exact)
         elif plan is not None and plan["exact_s"] is not None:
@@ -308,6 +313,8 @@ def _analyze(problem: Problem, k: int | None, budget: str, seed: int, outlier_th
     stages = stage_plan(P, use_exact, k, min(bottom_k, P), papyan, num_probes, num_iters,
                         None if plan is None else plan["seconds_per_column"],
                         solve_block=1 if plan is None else plan.get("solve_block", 1),
+                        ggn_seconds_per_column=None if plan is None else
+                        plan.get("ggn_seconds_per_column"),
                         num_classes=num_classes if num_classes and classes is not False
                         else None)
     progress.set_plan(stages)
@@ -406,7 +413,8 @@ def planned_split(num_probes: int, num_iters: int, k: int, bottom_k: int,
 
 def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num_probes: int,
                num_iters: int, seconds_per_column: dict[str, float] | None, *,
-               num_classes: int | None, solve_block: int = 1) -> list[StagePlan]:
+               num_classes: int | None, solve_block: int = 1,
+               ggn_seconds_per_column: dict[str, float] | None = None) -> list[StagePlan]:
     """The stages the analysis will run, each with its product columns, data passes and
     estimated seconds (from ``seconds_per_column``, the timed products of :func:`timed_plan`,
     keyed by columns per product; ``None``: not timed).
@@ -419,40 +427,45 @@ def stage_plan(P: int, use_exact: bool, k: int, bottom_k: int, papyan: bool, num
     (:func:`bottom_columns`, with the larger basis of :func:`bottom_basis`), one
     SLQ density of ``num_probes x num_iters`` columns in ``num_iters`` products (of the deflated
     bulk when there are outliers), and with ``papyan`` G's top pairs and the densities of ``G``
-    and ``H - G``. G's products are estimated at H's cost per column. With ``num_classes``
+    and ``H - G``. G's stages use G's own timed products (``ggn_seconds_per_column``; H's
+    when not given), ``H - G``'s H's (one Hessian product of the linearised loss per column).
+    With ``num_classes``
     (the class structure runs): one pass of class-pair gradients (not counted as products) and
     eigsh for the within-class scatter's top ``C`` eigenvalues (``4 C + 20`` columns).
     """
-    def seconds(columns: int, per_product: int) -> float | None:
-        return estimated_seconds(seconds_per_column, columns, per_product)
+    def seconds(columns: int, per_product: int, of_g: bool = False) -> float | None:
+        timed = ggn_seconds_per_column if of_g and ggn_seconds_per_column else seconds_per_column
+        return estimated_seconds(timed, columns, per_product)
 
-    def dense(name: str, pairs: tuple[int, ...]) -> StagePlan:
+    def dense(name: str, pairs: tuple[int, ...], of_g: bool = False) -> StagePlan:
         passes = -(-P // DENSE_BLOCK)
-        est = seconds(P, DENSE_BLOCK)
+        est = seconds(P, DENSE_BLOCK, of_g)
         for n in pairs:
-            s = seconds(n, n)
+            s = seconds(n, n, of_g)
             est = None if est is None or s is None else est + s
         if est is not None:
             est += EIGH_SECONDS_PER_CUBE * P**3
         return StagePlan(name, P + sum(pairs), passes + len(pairs), est)
 
-    def solve(name: str, wanted: int, cols: int | None = None) -> StagePlan:
+    def solve(name: str, wanted: int, cols: int | None = None, of_g: bool = False) -> StagePlan:
         cols = solve_columns(wanted) if cols is None else cols
         block = solve_block if wanted >= solve_block else 1
-        return StagePlan(name, cols, -(-cols // block), seconds(cols, block))
+        return StagePlan(name, cols, -(-cols // block), seconds(cols, block, of_g))
 
-    def density(name: str, also: tuple[str, ...] = ()) -> StagePlan:
+    def density(name: str, also: tuple[str, ...] = (), of_g: bool = False) -> StagePlan:
         cols = num_probes * num_iters
-        return StagePlan(name, cols, num_iters, seconds(cols, num_probes), also)
+        return StagePlan(name, cols, num_iters, seconds(cols, num_probes, of_g), also)
 
     if use_exact:
-        stages = [dense("dense_H", (k, bottom_k))] + ([dense("dense_G", (k,))] if papyan else [])
+        stages = [dense("dense_H", (k, bottom_k))] + (
+            [dense("dense_G", (k,), of_g=True)] if papyan else [])
     else:
         stages = [StagePlan("noise", 2, 1, seconds(2, 2)), solve("top", k),
                   solve("bottom", bottom_k, bottom_columns(bottom_k)),
                   density("density", also=("bulk_density",))]
         if papyan:
-            stages += [solve("ggn_top", k), density("ggn_density"), density("residual_density")]
+            stages += [solve("ggn_top", k, of_g=True), density("ggn_density", of_g=True),
+                       density("residual_density")]
     if num_classes:
         # the class-pair gradients (one pass, not curvature products), then eigsh of the
         # within-class scatter for its top C eigenvalues

@@ -16,6 +16,8 @@ from curvscope.analysis.formatting import rounded_to_error, with_error
     (0.0, 0.05, "0.000 +- 0.050"),
     (1.5e-7, 2.3e-9, "1.500e-07 +- 2.3e-09"),  # scientific outside [1e-3, 1e5)
     (3.2e6, 1.1e4, "3.200e+06 +- 1.1e+04"),
+    (0.97207, 6.2e-4, "0.97207 +- 0.00062"),  # a fraction with a small error stays fixed
+    (0.5, 3e-7, "5.0000000e-01 +- 3.0e-07"),  # more than 6 decimals: scientific
 ])
 def test_value_stops_at_the_errors_second_significant_digit(value, error, told):
     assert with_error(value, error) == told

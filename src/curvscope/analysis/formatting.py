@@ -15,6 +15,9 @@ import math
 __all__ = ["rounded_to_error", "with_error"]
 
 _FIXED_RANGE = (1e-3, 1e5)
+#: A value in the fixed range keeps fixed notation while its error needs at most this many
+#: decimals (``0.97207 +- 0.00062``, not ``9.7207e-01 +- 6.2e-04``).
+MAX_FIXED_DECIMALS = 6
 
 
 def _fixed(x: float) -> bool:
@@ -25,8 +28,9 @@ def rounded_to_error(value: float, error: float | None, digits: int = 4) -> tupl
     """``(value, error)`` as text, the value rounded to the error's second significant digit.
 
     Without a usable error (``None``, zero, not finite) the value keeps ``digits`` significant
-    digits and the error is ``""``. Values outside ``[1e-3, 1e5)`` are written in scientific
-    notation with as many mantissa digits as the error resolves (at least one).
+    digits and the error is ``""``. Values outside ``[1e-3, 1e5)``, and values whose error needs
+    more than :data:`MAX_FIXED_DECIMALS` decimals, are written in scientific notation with as
+    many mantissa digits as the error resolves (at least one).
     """
     if not math.isfinite(value):
         return str(value), ""
@@ -35,7 +39,7 @@ def rounded_to_error(value: float, error: float | None, digits: int = 4) -> tupl
         return text, ""
     last = math.floor(math.log10(error)) - 1          # decimal exponent of the error's 2nd digit
     err_text = f"{error:.2g}" if _fixed(error) else f"{error:.1e}"
-    if _fixed(value) and _fixed(error):
+    if _fixed(value) and (_fixed(error) or last >= -MAX_FIXED_DECIMALS):
         if last < 0:
             return f"{value:.{-last}f}", f"{error:.{-last}f}"
         step = 10.0 ** last

@@ -121,9 +121,10 @@ def run_study(
         method: ``"auto"``, ``"exact"`` or ``"iterative"`` (``analyze``'s ``exact``).
         fresh: discard the stages an earlier run left in ``out``.
         on_stage: called as ``on_stage(name, results_so_far)`` after each stage.
-        on_progress: called after every curvature product of the training-data analysis with a
-            :class:`~curvscope._progress.ProgressUpdate` (stage, columns done of planned, time
-            left; see :func:`~curvscope.analysis.spectrum.analyze`).
+        on_progress: called after every curvature product and stage of the whole study (the
+            analysis, the checkpoint sweep, the test-data analysis) with a
+            :class:`~curvscope.ProgressUpdate` (stage, columns done of planned, time left; see
+            :func:`~curvscope.analysis.spectrum.analyze`).
         identity: more that identifies the run (the CLI passes the run file's digest): a
             change refuses to resume.
         provenance_extra: more provenance for the bundle (name, command, ...).

@@ -77,20 +77,24 @@ def eigenpair_table(r: EigenResult) -> dict[str, Any]:
     return d
 
 
+class _Flat:
+    """A frozen dataclass of plain numbers: its fields are its JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON."""
+        return dict(self.__dict__)
+
+
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(_Flat):
     """A figure with its standard error (``None``: none known)."""
 
     value: float
     std_error: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON."""
-        return {"value": self.value, "std_error": self.std_error}
-
 
 @dataclass(frozen=True)
-class TraceNumbers:
+class TraceNumbers(_Flat):
     """The trace as every view shows it: the value, its standard error, the half-width of its
     95 % interval (Student t over the probes), whether it is exact (every eigenvalue from the
     dense matrix) and whether it is resolved (the interval narrower than the value).
@@ -102,21 +106,13 @@ class TraceNumbers:
     exact: bool
     resolved: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON."""
-        return dict(self.__dict__)
-
 
 @dataclass(frozen=True)
-class Eigenvalue:
+class Eigenvalue(_Flat):
     """An eigenvalue with its residual ``||Hv - lambda v||`` (which bounds its error)."""
 
     value: float
     residual_norm: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON."""
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)

@@ -387,21 +387,24 @@ def _stagnated(history: list[float]) -> bool:
 CLUSTER_GAP = 1e-2
 
 
-def _stall_reason(result: EigenResult, anorm: float, gaps: Tensor) -> str:
+def _stall_reason(result: EigenResult, anorm: float | None, gaps: Tensor | None) -> str:
     """Why restarted Lanczos stopped improving. ``gaps``: each wanted Ritz value's distance to
     the nearest other Ritz value of the basis. Well separated values that stall are limited by
     the products' precision; values in a cluster (gap below ``CLUSTER_GAP ||A||``) converge
     slowly whatever the precision, and their residual still bounds each one's error (for
     symmetric ``A`` and a unit ``y``, some eigenvalue lies within ``||A y - theta y||`` of
-    ``theta``).
+    ``theta``). Without ``anorm`` and ``gaps`` the stall is put down to the precision.
     """
+    precision = (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
+                 "probably below the precision of the products (use a larger tol, or float64 via "
+                 "Problem(accumulate_dtype=torch.float64) and a float64 model)")
+    if not anorm or gaps is None:
+        return precision
     stuck = ~result.converged
     worst = float(result.residual_norms[stuck].max())
     gap = float(gaps.to(result.residual_norms.device)[stuck].min())
     if gap > CLUSTER_GAP * anorm:
-        return (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
-                "probably below the precision of the products (use a larger tol, or float64 via "
-                "Problem(accumulate_dtype=torch.float64) and a float64 model)")
+        return precision
     return (f"stopped after {result.num_iters} restarts without progress: these eigenvalues "
             f"are clustered (gaps down to {gap:.2g}, {gap / anorm:.1e} of ||A||), which slows "
             "restarted Lanczos whatever the precision; ask for fewer pairs or a larger basis "
@@ -414,12 +417,8 @@ def _finish(result: EigenResult, strict: bool, stagnated: bool = False,
     if result.all_converged:
         return result
     bad = int((~result.converged).sum())
-    if stagnated and anorm and gaps is not None:
+    if stagnated:
         why = _stall_reason(result, anorm, gaps)
-    elif stagnated:
-        why = (f"stopped after {result.num_iters} restarts without progress: the tolerance is "
-               "probably below the precision of the products (use a larger tol, or float64 via "
-               "Problem(accumulate_dtype=torch.float64) and a float64 model)")
     else:
         why = f"in {result.num_iters} iterations; raise max_iters or tol"
     worst = float(result.relative_residuals[~result.converged].max())
